@@ -1,0 +1,198 @@
+"""The command-line interface: ``python -m engine COMMAND``.
+
+Its names, output formats and exit codes are a contract (see the README):
+0 success, 1 a waited-for project failed or was cancelled, 2 invalid input,
+3 not found, 4 forbidden, 5 cluster unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from engine import accounts, cluster, export, projects
+from engine.errors import ConstellationError
+from engine.models import Project
+from engine.settings import Settings
+from engine.status import ProjectStatus
+from engine.store import Store
+
+logger = logging.getLogger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine",
+                                     description="Constellation: run main(row) over a dataset on a Ray cluster.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress on stderr")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    submit = commands.add_parser("submit", help="submit a script and a dataset as a new project")
+    submit.add_argument("script", type=Path)
+    submit.add_argument("dataset", type=Path)
+    submit.add_argument("--title")
+    submit.add_argument("--description", default="")
+    submit.add_argument("--owner", help="user name (default: the local admin account)")
+    submit.add_argument("--batch-size", type=int)
+    submit.add_argument("--row-timeout", type=float)
+    submit.add_argument("--wait", action="store_true",
+                        help="block until the project ends; exit 0 if complete, 1 otherwise")
+
+    status = commands.add_parser("status", help="a project's status")
+    status.add_argument("id", type=int)
+    status.add_argument("--json", action="store_true")
+
+    results = commands.add_parser("results", help="a project's results, in dataset order")
+    results.add_argument("id", type=int)
+    results.add_argument("--format", choices=export.FORMATS, default="json")
+    results.add_argument("--output", type=Path, help="write to this file instead of stdout")
+
+    cancel = commands.add_parser("cancel", help="cancel a project; stored results stay")
+    cancel.add_argument("id", type=int)
+
+    listing = commands.add_parser("list", help="all projects")
+    listing.add_argument("--json", action="store_true")
+
+    commands.add_parser("init", help="create the database and the cluster token")
+    commands.add_parser("dispatcher", help="run the dispatcher in the foreground")
+    commands.add_parser("serve", help="run the Ray head, the dispatcher and the portal (make run)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = Settings.from_env()
+    long_running = args.command in ("dispatcher", "serve")
+    level = settings.log_level if (long_running or args.verbose) else "WARNING"
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _COMMANDS[args.command](args, settings)
+    except ConstellationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away; that is not an error of ours.
+        sys.stderr.close()
+        return 0
+
+
+def _actor(store: Store, owner: str | None):
+    return accounts.get_user(store, owner) if owner else accounts.local_admin(store)
+
+
+def _submit(args, settings: Settings) -> int:
+    store = Store(settings)
+    actor = _actor(store, args.owner)
+    for path in (args.script, args.dataset):
+        if not path.is_file():
+            print(f"error: {path}: no such file", file=sys.stderr)
+            return 2
+    project_id = projects.submit_project(
+        store, settings, actor, title=args.title or args.script.name,
+        description=args.description, script_name=args.script.name,
+        script_bytes=args.script.read_bytes(), dataset_name=args.dataset.name,
+        dataset_bytes=args.dataset.read_bytes(), batch_size=args.batch_size,
+        row_timeout=args.row_timeout)
+    print(project_id, flush=True)
+    if not args.wait:
+        return 0
+    final = wait_for_project(store, settings, project_id)
+    return 0 if final is ProjectStatus.COMPLETE else 1
+
+
+def wait_for_project(store: Store, settings: Settings, project_id: int) -> ProjectStatus:
+    """Block until the project ends. Hands it to a live dispatcher, or runs one meanwhile."""
+    from engine.scheduler import Dispatcher
+
+    def status() -> ProjectStatus:
+        with store.session() as session:
+            return ProjectStatus(session.get(Project, project_id).status)
+
+    while not status().is_terminal():
+        if store.lease_holder() is not None:
+            time.sleep(0.1)
+            continue
+        head = cluster.ensure_head(settings)
+        try:
+            Dispatcher(store, settings).run(until=lambda: status().is_terminal())
+        finally:
+            import ray
+
+            ray.shutdown()
+            if head is not None:
+                head.stop(grace=2)
+    return status()
+
+
+def _status(args, settings: Settings) -> int:
+    store = Store(settings)
+    view = projects.project_status(store, accounts.local_admin(store), args.id)
+    if args.json:
+        print(json.dumps(view.to_dict()))
+    else:
+        print(f"project {view.id} ({view.title}): {view.status}; {view.rows_succeeded} succeeded, "
+              f"{view.rows_failed} failed, {view.rows_pending} pending of {view.rows_total}")
+        if view.error:
+            print(f"error: {view.error}")
+    return 0
+
+
+def _results(args, settings: Settings) -> int:
+    store = Store(settings)
+    actor = accounts.local_admin(store)
+    if args.output:
+        with open(args.output, "w", newline="", encoding="utf-8") as out:
+            export.export_results(store, actor, args.id, args.format, out)
+    else:
+        export.export_results(store, actor, args.id, args.format, sys.stdout)
+    return 0
+
+
+def _cancel(args, settings: Settings) -> int:
+    store = Store(settings)
+    projects.cancel_project(store, accounts.local_admin(store), args.id)
+    return 0
+
+
+def _list(args, settings: Settings) -> int:
+    store = Store(settings)
+    views = projects.list_projects(store, accounts.local_admin(store))
+    if args.json:
+        print(json.dumps([v.to_dict() for v in views]))
+    else:
+        for v in views:
+            print(f"{v.id}\t{v.status}\t{v.rows_succeeded + v.rows_failed}/{v.rows_total}\t{v.title}")
+    return 0
+
+
+def _init(args, settings: Settings) -> int:
+    store = Store(settings)
+    cluster.cluster_token(settings)
+    print(f"database ready (schema {store.schema_version()}) at {settings.database_url}")
+    return 0
+
+
+def _dispatcher(args, settings: Settings) -> int:
+    from engine.scheduler import Dispatcher
+
+    # SIGTERM (from the supervisor) unwinds normally, so the lease is released at once.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    Dispatcher(Store(settings), settings).run()
+    return 0
+
+
+def _serve(args, settings: Settings) -> int:
+    from engine.supervisor import Supervisor
+
+    return Supervisor(settings).run()
+
+
+_COMMANDS = {"submit": _submit, "status": _status, "results": _results, "cancel": _cancel,
+             "list": _list, "init": _init, "dispatcher": _dispatcher, "serve": _serve}

@@ -1,0 +1,164 @@
+"""The Ray cluster: the cluster token, the local head, and connecting as a driver.
+
+Ray 2.60 uses token authentication. Every process that joins or connects with an
+explicit address needs ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN``; with the token
+but not the mode a join fails after ~20 s. The token is generated once into the data
+directory (mode 0600) and is never logged.
+
+The local head runs as ``ray start --head --block`` in its own process group, so the
+engine can stop exactly the processes it started (never ``ray stop``, which would also
+stop other clusters on the machine).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from engine.errors import ClusterUnavailable
+from engine.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_HEAD_START_SECONDS = 60.0
+
+
+def cluster_token(settings: Settings) -> str:
+    """The cluster's auth token, created on first use."""
+    path = settings.data_path / "secrets" / "cluster_token"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+def auth_env(settings: Settings) -> dict[str, str]:
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster_token(settings)}
+
+
+def head_address(settings: Settings) -> str:
+    return settings.ray_address or f"{settings.reachable_host}:{settings.ray_port}"
+
+
+def head_reachable(settings: Settings, timeout: float = 1.0) -> bool:
+    host, _, port = head_address(settings).rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def ray_temp_dir(settings: Settings) -> Path:
+    return settings.data_path / "ray"
+
+
+class LocalHead:
+    """A Ray head started by this process; ``stop()`` ends it and everything it started."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        temp_dir = ray_temp_dir(settings)
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        argv = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                f"--port={settings.ray_port}", f"--temp-dir={temp_dir}",
+                f"--node-ip-address={settings.reachable_host}",
+                "--include-dashboard=false", "--disable-usage-stats",
+                "--labels=constellation-role=head"]
+        if settings.ray_num_cpus is not None:
+            argv.append(f"--num-cpus={settings.ray_num_cpus}")
+        log_path = settings.data_path / "ray-head.log"
+        self._log = open(log_path, "ab")
+        env = {**os.environ, **auth_env(settings)}
+        logger.info("cluster: starting a local Ray head on port %s", settings.ray_port)
+        started = time.monotonic()
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log,
+                                        stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        while not head_reachable(settings, timeout=0.5):
+            if self.process.poll() is not None:
+                self._log.close()
+                raise ClusterUnavailable(
+                    f"the Ray head exited during start-up (code {self.process.returncode}); "
+                    f"see {log_path}")
+            if time.monotonic() - started > _HEAD_START_SECONDS:
+                self.stop()
+                raise ClusterUnavailable(f"the Ray head did not start in {_HEAD_START_SECONDS:.0f} s")
+            time.sleep(0.2)
+        self.startup_seconds = time.monotonic() - started
+        logger.info("cluster: Ray head up in %.1f s (pid %s)", self.startup_seconds, self.process.pid)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop the head's process group: SIGTERM, then SIGKILL after ``grace`` seconds."""
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        self._log.close()
+        logger.info("cluster: Ray head (pid %s) stopped", self.process.pid)
+
+
+def ensure_head(settings: Settings) -> LocalHead | None:
+    """Start a local head unless one is reachable; returns the head it started, if any."""
+    if head_reachable(settings):
+        return None
+    if settings.ray_address:
+        raise ClusterUnavailable(f"the Ray head at {settings.ray_address} cannot be reached")
+    return LocalHead(settings)
+
+
+def connect(settings: Settings) -> None:
+    """Connect this process to the cluster as a Ray driver (idempotent).
+
+    Ray reads ``RAY_AUTH_MODE`` and ``RAY_AUTH_TOKEN`` when it is first imported (measured:
+    setting them after ``import ray`` fails with InvalidAuthToken), so the variables are
+    set here, before the import, and a process that imported Ray earlier with another
+    token gets a clear error instead of a 20 s hang.
+    """
+    env = auth_env(settings)
+    if "ray" in sys.modules and os.environ.get("RAY_AUTH_TOKEN") != env["RAY_AUTH_TOKEN"]:
+        raise ClusterUnavailable(
+            "Ray was imported before the cluster token was set; set RAY_AUTH_MODE and "
+            "RAY_AUTH_TOKEN (or call engine.cluster.connect) before importing ray")
+    os.environ.update(env)
+    import ray
+
+    import engine
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(
+            address=head_address(settings),
+            # Volunteer nodes do not have the engine installed: ship the package with the job.
+            runtime_env={"py_modules": [str(Path(engine.__file__).parent)]},
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+    except ConnectionError as exc:
+        raise ClusterUnavailable(
+            f"cannot connect to the Ray head at {head_address(settings)}: {exc}") from None

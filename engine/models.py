@@ -1,0 +1,114 @@
+"""SQLAlchemy 2.0 typed models: the store's schema.
+
+Times are UNIX seconds (REAL): cheap to write a million of, and time-zone free.
+Schema changes bump ``SCHEMA_VERSION`` (kept in the ``meta`` table) so a later release
+can migrate an existing database.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SCHEMA_VERSION = 1
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Meta(Base):
+    __tablename__ = "meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    email: Mapped[str] = mapped_column(String(254), default="")
+    password_hash: Mapped[str] = mapped_column(String(128), default="")
+    # Comma-separated subset of: researcher, volunteer, admin.
+    roles: Mapped[str] = mapped_column(String(64), default="researcher")
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float)
+
+    @property
+    def role_set(self) -> frozenset[str]:
+        return frozenset(r for r in self.roles.split(",") if r)
+
+
+class Project(Base):
+    __tablename__ = "projects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    title: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(Text, default="")
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    # The upload's file name, shown to people only; nothing is stored under it.
+    script_name: Mapped[str] = mapped_column(String(255))
+    script_source: Mapped[str] = mapped_column(Text)
+    script_sha256: Mapped[str] = mapped_column(String(64))
+    dataset_name: Mapped[str] = mapped_column(String(255))
+    dataset_format: Mapped[str] = mapped_column(String(8))
+    columns_json: Mapped[str] = mapped_column(Text)
+    rows_total: Mapped[int] = mapped_column(Integer)
+    rows_succeeded: Mapped[int] = mapped_column(Integer, default=0)
+    rows_failed: Mapped[int] = mapped_column(Integer, default=0)
+    batch_size: Mapped[int] = mapped_column(Integer)
+    row_timeout: Mapped[float] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error_traceback: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class DatasetChunk(Base):
+    """A slice of a project's rows, as a JSON array of arrays (values in column order).
+
+    Rows are stored in chunks rather than one table row each: a million-row upload is
+    written in about a thousand inserts, and a batch or a results page reads one or two.
+    """
+
+    __tablename__ = "dataset_chunks"
+
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), primary_key=True)
+    chunk_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    start_row: Mapped[int] = mapped_column(Integer)
+    row_count: Mapped[int] = mapped_column(Integer)
+    payload: Mapped[str] = mapped_column(Text)
+
+
+class Task(Base):
+    """The stored outcome of one row. A row without a Task is still pending."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        Index("ix_tasks_project_status", "project_id", "status", "row_index"),
+        {"sqlite_with_rowid": False},
+    )
+
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), primary_key=True)
+    row_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    output: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    traceback: Mapped[str | None] = mapped_column(Text, nullable=True)
+    node_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    cpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    finished_at: Mapped[float] = mapped_column(Float)
+
+
+class DispatcherLease(Base):
+    """At most one dispatcher runs projects at a time; it holds this row's lease."""
+
+    __tablename__ = "dispatcher_lease"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,331 @@
+"""The dispatcher: fans projects' rows out over Ray in batches and stores what comes back.
+
+One dispatcher runs at a time, holding the lease in the store; the portal's
+``engine serve`` keeps one warm, and ``submit --wait`` hands its project to it (or runs
+one itself when none is live). On start it recovers: projects still ``running`` resume,
+and only rows without a stored result are dispatched again.
+
+A task is one row, but rows travel in batches (one Ray call per row is ~1.4k rows/s).
+Batches are contiguous row ranges. Ray retries a batch whose node died; a batch that
+still fails is dispatched again up to ``max_batch_attempts`` times, and its rows fail
+only after that. A row that already has a result keeps it, so a batch that runs twice
+never counts a row twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import socket
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from sqlalchemy import select
+
+from engine import cluster
+from engine.executor import Limits
+from engine.models import DatasetChunk, Project, Task
+from engine.settings import Settings
+from engine.status import ProjectStatus, RowResult, record_results, transition_project
+from engine.store import Store
+
+logger = logging.getLogger(__name__)
+
+_REFRESH_SECONDS = 0.25
+
+
+class LeaseLost(RuntimeError):
+    """Another dispatcher took the lease: this one must stop at once."""
+
+
+def run_batch_on_node(source: Any, filename: str, columns: list[str], payload: bytes,
+                      limits: Limits) -> bytes:
+    """The Ray task: run one batch through the executor on whichever node Ray chose."""
+    import ray
+
+    from engine import executor
+
+    context = ray.get_runtime_context()
+    limits = Limits(**{**limits.__dict__,
+                       "hidden_paths": limits.hidden_paths + (context.get_temp_dir(),)})
+    outcome = executor.run_rows(source, filename, columns, pickle.loads(payload), limits)
+    return pickle.dumps((context.get_node_id(), outcome), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+@dataclass
+class _Batch:
+    project_id: int
+    start: int
+    end: int
+    attempt: int = 1
+
+
+@dataclass
+class _Run:
+    """A project this dispatcher is running."""
+
+    project_id: int
+    owner_id: int
+    filename: str
+    columns: list[str]
+    batch_size: int
+    limits: Limits
+    source_ref: Any
+    todo: deque = field(default_factory=deque)        # (start, end) ranges not yet dispatched
+    inflight: dict = field(default_factory=dict)      # ObjectRef -> _Batch
+    chunks: OrderedDict = field(default_factory=OrderedDict)
+
+
+class Dispatcher:
+    def __init__(self, store: Store, settings: Settings):
+        self.store = store
+        self.settings = settings
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._runs: dict[int, _Run] = {}
+        self._owner_cycle: deque[int] = deque()
+        self._remote = None
+        self._max_inflight = 4
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def wait_for_lease(self, should_stop: Callable[[], bool] = lambda: False) -> bool:
+        while not self.store.acquire_lease(self.holder, self.settings.lease_seconds):
+            if should_stop():
+                return False
+            time.sleep(0.5)
+        logger.info("dispatcher %s: holds the lease", self.holder)
+        return True
+
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """Dispatch until ``until()`` is true (never, if None). Needs the lease and Ray."""
+        if not self.wait_for_lease(until or (lambda: False)):
+            return
+        cluster.connect(self.settings)
+        import ray
+
+        self._remote = ray.remote(run_batch_on_node).options(num_cpus=1, max_retries=3)
+        last_renew = last_refresh = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if now - last_renew > self.settings.lease_seconds / 3:
+                    if not self.store.acquire_lease(self.holder, self.settings.lease_seconds):
+                        raise LeaseLost(f"dispatcher {self.holder}: lost the lease")
+                    last_renew = now
+                if now - last_refresh > _REFRESH_SECONDS:
+                    self._refresh()
+                    last_refresh = now
+                    if until is not None and until():
+                        break
+                self._fill()
+                if not self._collect(timeout=0.05 if self._inflight_count() else 0.0):
+                    if not self._inflight_count():
+                        time.sleep(0.05)
+        finally:
+            for run in self._runs.values():
+                self._cancel_inflight(run)
+            self._runs.clear()
+            self.store.release_lease(self.holder)
+            logger.info("dispatcher %s: stopped", self.holder)
+
+    # -- projects -----------------------------------------------------------------------
+
+    def _refresh(self) -> None:
+        import ray
+
+        self._max_inflight = max(2, int(ray.cluster_resources().get("CPU", 1)) * 2)
+        with self.store.session() as session:
+            active = session.execute(
+                select(Project.id, Project.status).where(
+                    Project.status.in_([ProjectStatus.SUBMITTED.value, ProjectStatus.RUNNING.value]))
+            ).all()
+        active_ids = {pid for pid, _ in active}
+        for pid in list(self._runs):
+            if pid not in active_ids:  # cancelled, failed or completed elsewhere
+                self._cancel_inflight(self._runs.pop(pid))
+                logger.info("project %s: no longer active; dispatching stopped", pid)
+        for pid, status in active:
+            if pid not in self._runs:
+                self._start(pid)
+
+    def _start(self, project_id: int) -> None:
+        import ray
+
+        with self.store.session() as session:
+            transition_project(session, project_id, ProjectStatus.RUNNING)
+            project = session.get(Project, project_id)
+            if project.status != ProjectStatus.RUNNING.value:
+                return
+            done = session.execute(
+                select(Task.row_index).where(Task.project_id == project_id).order_by(Task.row_index)
+            ).scalars()
+            todo = _missing_ranges(done, project.rows_total)
+            run = _Run(
+                project_id=project_id, owner_id=project.owner_id, filename=project.script_name,
+                columns=json.loads(project.columns_json),
+                batch_size=max(1, project.batch_size),
+                limits=Limits(row_timeout=project.row_timeout,
+                              memory_bytes=self.settings.memory_limit_mb << 20,
+                              output_bytes=self.settings.output_limit_mb << 20,
+                              sandbox=self.settings.sandbox,
+                              hidden_paths=(str(self.settings.data_path),)),
+                source_ref=ray.put(project.script_source),
+                todo=deque(todo))
+            if not todo:
+                # Every row was stored before a restart; only the completion was missing.
+                transition_project(session, project_id, ProjectStatus.COMPLETE)
+                return
+        self._runs[project_id] = run
+        if run.owner_id not in self._owner_cycle:
+            self._owner_cycle.append(run.owner_id)
+        remaining = sum(e - s for s, e in todo)
+        logger.info("project %s: dispatching %d rows in batches of %d", project_id, remaining,
+                    run.batch_size)
+
+    def _inflight_count(self) -> int:
+        return sum(len(run.inflight) for run in self._runs.values())
+
+    def _fill(self) -> None:
+        """Dispatch batches round-robin across owners, then across each owner's projects."""
+        free = self._max_inflight - self._inflight_count()
+        while free > 0:
+            dispatched = False
+            for _ in range(len(self._owner_cycle)):
+                owner = self._owner_cycle[0]
+                self._owner_cycle.rotate(-1)
+                runs = [r for r in self._runs.values() if r.owner_id == owner and r.todo]
+                if not runs:
+                    continue
+                run = min(runs, key=lambda r: len(r.inflight))
+                self._dispatch(run, _Batch(run.project_id, *self._next_range(run)))
+                dispatched = True
+                free -= 1
+                if free <= 0:
+                    break
+            if not dispatched:
+                break
+        self._owner_cycle = deque(o for o in self._owner_cycle
+                                  if any(r.owner_id == o for r in self._runs.values()))
+
+    def _next_range(self, run: _Run) -> tuple[int, int]:
+        start, end = run.todo.popleft()
+        cut = min(end, start + run.batch_size)
+        if cut < end:
+            run.todo.appendleft((cut, end))
+        return start, cut
+
+    def _dispatch(self, run: _Run, batch: _Batch) -> None:
+        rows = self._rows(run, batch.start, batch.end)
+        payload = pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
+        ref = self._remote.remote(run.source_ref, run.filename, run.columns, payload, run.limits)
+        run.inflight[ref] = batch
+
+    def _rows(self, run: _Run, start: int, end: int) -> list[tuple[int, list]]:
+        rows: list[tuple[int, list]] = []
+        with self.store.session() as session:
+            chunks = session.execute(
+                select(DatasetChunk.chunk_index, DatasetChunk.start_row, DatasetChunk.payload)
+                .where(DatasetChunk.project_id == run.project_id,
+                       DatasetChunk.start_row < end,
+                       DatasetChunk.start_row + DatasetChunk.row_count > start)
+                .order_by(DatasetChunk.start_row)).all()
+        for _index, chunk_start, payload in chunks:
+            values = json.loads(payload)
+            lo = max(start, chunk_start)
+            hi = min(end, chunk_start + len(values))
+            rows.extend((i, values[i - chunk_start]) for i in range(lo, hi))
+        return rows
+
+    # -- results ------------------------------------------------------------------------
+
+    def _collect(self, timeout: float) -> bool:
+        import ray
+
+        refs = [ref for run in self._runs.values() for ref in run.inflight]
+        if not refs:
+            return False
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        if not ready:
+            return False
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in ready:
+            run = next((r for r in self._runs.values() if ref in r.inflight), None)
+            if run is None:
+                continue
+            batch = run.inflight.pop(ref)
+            self._finish(run, batch, ref)
+        return True
+
+    def _finish(self, run: _Run, batch: _Batch, ref: Any) -> None:
+        import ray
+        from ray.exceptions import RayError, TaskCancelledError
+
+        try:
+            node_id, outcome = pickle.loads(ray.get(ref))
+        except TaskCancelledError:
+            return
+        except RayError as exc:
+            self._retry_or_fail(run, batch, exc)
+            return
+        if outcome.script_error is not None:
+            with self.store.session() as session:
+                transition_project(
+                    session, run.project_id, ProjectStatus.FAILED,
+                    error=f"the script raised while being imported: {outcome.script_error}",
+                    traceback=outcome.script_traceback)
+            self._cancel_inflight(self._runs.pop(run.project_id))
+            return
+        self._store(run, outcome.results, node_id)
+        returned = sorted(r.row_index for r in outcome.results)
+        for start, end in reversed(_missing_ranges(returned, batch.end, first=batch.start)):
+            run.todo.appendleft((start, end))
+        self._maybe_finish(run)
+
+    def _retry_or_fail(self, run: _Run, batch: _Batch, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        if batch.attempt < self.settings.max_batch_attempts:
+            logger.warning("project %s: batch %d-%d failed (attempt %d): %s; dispatching again",
+                           run.project_id, batch.start, batch.end, batch.attempt, reason)
+            self._dispatch(run, _Batch(run.project_id, batch.start, batch.end, batch.attempt + 1))
+            return
+        logger.error("project %s: batch %d-%d failed %d times: %s; failing its rows",
+                     run.project_id, batch.start, batch.end, batch.attempt, reason)
+        error = f"NodeFailure: the batch holding this row failed {batch.attempt} times: {reason}"
+        self._store(run, [RowResult(i, False, None, error, None, 0.0)
+                          for i in range(batch.start, batch.end)], None)
+        self._maybe_finish(run)
+
+    def _store(self, run: _Run, results: list[RowResult], node_id: str | None) -> None:
+        with self.store.session() as session:
+            record_results(session, run.project_id, results, node_id)
+
+    def _maybe_finish(self, run: _Run) -> None:
+        if run.todo or run.inflight:
+            return
+        self._runs.pop(run.project_id, None)
+        logger.info("project %s: all rows dispatched and stored", run.project_id)
+
+    def _cancel_inflight(self, run: _Run) -> None:
+        import ray
+
+        for ref in list(run.inflight):
+            ray.cancel(ref, force=True)
+        run.inflight.clear()
+
+
+def _missing_ranges(done_indices, total: int, first: int = 0) -> list[tuple[int, int]]:
+    """Contiguous [start, end) ranges in [first, total) that are not in the sorted ``done_indices``."""
+    ranges = []
+    expected = first
+    for index in done_indices:
+        if index > expected:
+            ranges.append((expected, index))
+        expected = max(expected, index + 1)
+    if expected < total:
+        ranges.append((expected, total))
+    return ranges

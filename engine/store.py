@@ -1,0 +1,120 @@
+"""The store: one SQLAlchemy engine over SQLite (or PostgreSQL), its schema, and sessions.
+
+SQLite runs in WAL mode, so the portal reads while the dispatcher writes, with a busy
+timeout so that a writer waits for another instead of failing with "database is locked".
+``synchronous=NORMAL`` is safe in WAL mode (a power cut can lose the last commits, never
+corrupt the file) and makes each batch commit several times cheaper.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from engine.models import SCHEMA_VERSION, Base, DispatcherLease, Meta
+from engine.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 30_000
+
+
+class Store:
+    """A handle on the database. Cheap to share; create one per process."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        url = settings.database_url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            db_path = url.split("///", 1)[-1]
+            if db_path and db_path != ":memory:":
+                Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(
+                url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.create_schema()
+
+    def create_schema(self) -> None:
+        Base.metadata.create_all(self.engine)
+        with self.session() as session:
+            row = session.get(Meta, "schema_version")
+            if row is None:
+                session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(row.value) > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"database schema version {row.value} is newer than this release "
+                    f"({SCHEMA_VERSION}); upgrade Constellation")
+
+    def schema_version(self) -> int:
+        with self.session() as session:
+            return int(session.get(Meta, "schema_version").value)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session whose transaction commits on success and rolls back on error."""
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    # -- the dispatcher lease -------------------------------------------------------
+
+    def acquire_lease(self, holder: str, seconds: float) -> bool:
+        """Take or renew the single dispatcher lease; False while another holder's is live.
+
+        The conditional UPDATE is the compare-and-set; the primary key makes two
+        first-time inserts collide, so only one dispatcher can ever win.
+        """
+        now = time.time()
+        try:
+            with self.session() as session:
+                updated = session.execute(
+                    text("UPDATE dispatcher_lease SET holder = :h, expires_at = :e "
+                         "WHERE id = 1 AND (holder = :h OR expires_at <= :now)"),
+                    {"h": holder, "e": now + seconds, "now": now})
+                if updated.rowcount == 1:
+                    return True
+                if session.get(DispatcherLease, 1) is not None:
+                    return False
+                session.add(DispatcherLease(id=1, holder=holder, expires_at=now + seconds))
+            return True
+        except IntegrityError:
+            return False
+
+    def release_lease(self, holder: str) -> None:
+        with self.session() as session:
+            session.execute(text("UPDATE dispatcher_lease SET expires_at = 0 WHERE holder = :h"),
+                            {"h": holder})
+
+    def lease_holder(self) -> str | None:
+        """The live lease's holder, or None when no dispatcher is running."""
+        with self.session() as session:
+            lease = session.get(DispatcherLease, 1)
+            if lease is None or lease.expires_at <= time.time():
+                return None
+            return lease.holder
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

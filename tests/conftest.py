@@ -1,0 +1,106 @@
+"""Shared fixtures: real SQLite files, a real Ray head on a free port, real subprocesses.
+
+Ray reads RAY_AUTH_MODE / RAY_AUTH_TOKEN when it is first imported, so the session's
+token is put in the environment here, before any test imports Ray. Every test data
+directory gets the same token file, so every test can reach the session's head.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import sys
+import tempfile
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+SESSION_TOKEN = secrets.token_hex(32)
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = SESSION_TOKEN
+
+from engine.settings import Settings  # noqa: E402
+from engine.store import Store  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def short_tempdir(prefix: str) -> Path:
+    # Ray's unix socket paths must stay under 107 characters: keep temp dirs short.
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def write_token(data_dir: Path, token: str = SESSION_TOKEN) -> None:
+    secrets_dir = data_dir / "secrets"
+    secrets_dir.mkdir(parents=True, exist_ok=True)
+    (secrets_dir / "cluster_token").write_text(token)
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A real Ray head for the whole session, started and stopped by PID."""
+    from engine.cluster import LocalHead
+
+    data_dir = short_tempdir("cr-head-")
+    write_token(data_dir)
+    settings = Settings(data_dir=str(data_dir), ray_port=free_port(), ray_num_cpus=2)
+    head = LocalHead(settings)
+    yield settings
+    import ray
+
+    ray.shutdown()
+    head.stop(grace=1)
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def data_dir():
+    path = short_tempdir("cr-")
+    write_token(path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def settings(data_dir) -> Settings:
+    return Settings(data_dir=str(data_dir), row_timeout=10.0)
+
+
+@pytest.fixture
+def cluster_settings(settings, ray_head) -> Settings:
+    """Settings for a test that runs projects on the session's Ray head."""
+    return settings.replace(ray_port=ray_head.ray_port)
+
+
+@pytest.fixture
+def store(settings) -> Store:
+    return Store(settings)
+
+
+def fixture_bytes(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+def engine_env(settings: Settings) -> dict[str, str]:
+    """Environment for a CLI subprocess working on ``settings``' data."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "CONSTELLATION_"))}
+    env.update({"CONSTELLATION_DATA_DIR": settings.data_dir,
+                "CONSTELLATION_RAY_PORT": str(settings.ray_port),
+                "PYTHONPATH": str(ROOT)})
+    if settings.ray_num_cpus:
+        env["CONSTELLATION_RAY_NUM_CPUS"] = str(settings.ray_num_cpus)
+    return env
+
+
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,127 @@
+"""Projects run end to end on a real local Ray head, through the dispatcher."""
+
+import io
+import json
+import threading
+import time
+
+import pytest
+from sqlalchemy import select
+
+from conftest import fixture_bytes
+from engine import accounts, projects
+from engine.export import export_results
+from engine.models import Project, Task
+from engine.scheduler import Dispatcher
+from engine.status import ProjectStatus, RowResult, record_results, transition_project
+
+pytestmark = pytest.mark.slow
+
+
+def submit(store, settings, script, n, **kw):
+    data = b"x\n" + b"".join(b"%d\n" % i for i in range(n))
+    return projects.submit_project(
+        store, settings, accounts.local_admin(store), title=script, script_name=script,
+        script_bytes=fixture_bytes(script), dataset_name="d.csv", dataset_bytes=data, **kw)
+
+
+def run_to_end(store, settings, pid, timeout=120):
+    deadline = time.monotonic() + timeout
+
+    def ended():
+        assert time.monotonic() < deadline, "project did not end in time"
+        with store.session() as s:
+            return ProjectStatus(s.get(Project, pid).status).is_terminal()
+
+    Dispatcher(store, settings).run(until=ended)
+    return projects.project_status(store, accounts.local_admin(store), pid)
+
+
+def results(store, pid):
+    out = io.StringIO()
+    export_results(store, accounts.local_admin(store), pid, "json", out)
+    return json.loads(out.getvalue())
+
+
+def test_every_row_runs_once_and_failures_stay_rows(store, cluster_settings):
+    pid = submit(store, cluster_settings, "raises.py", 50, batch_size=7)
+    view = run_to_end(store, cluster_settings, pid)
+    assert (view.status, view.rows_succeeded, view.rows_failed, view.rows_pending) == ("complete", 33, 17, 0)
+    rows = results(store, pid)
+    assert [r["row"] for r in rows] == list(range(50))
+    for r in rows:
+        if r["row"] % 3 == 0:
+            assert r == {"row": r["row"], "status": "failed", "output": None,
+                         "error": f"ValueError: row {r['row']} is divisible by three"}
+        else:
+            assert r == {"row": r["row"], "status": "succeeded", "output": r["row"], "error": None}
+    with store.session() as s:
+        task = s.get(Task, (pid, 3))
+        assert 'File "raises.py", line 3, in main' in task.traceback
+        assert task.node_id  # the Ray node that ran it
+
+
+def test_rows_reach_main_as_typed_dicts(store, cluster_settings):
+    pid = projects.submit_project(
+        store, cluster_settings, accounts.local_admin(store), title="types", script_name="types.py",
+        script_bytes=fixture_bytes("types.py"), dataset_name="d.csv",
+        dataset_bytes=b"i,f,b,s\n1,2.5,true,x\n,1.0,false,\n")
+    assert run_to_end(store, cluster_settings, pid).status == "complete"
+    assert [r["output"] for r in results(store, pid)] == [
+        {"i": "int", "f": "float", "b": "bool", "s": "str"},
+        {"i": "NoneType", "f": "float", "b": "bool", "s": "NoneType"}]
+
+
+def test_script_that_fails_on_import_fails_the_project_once(store, cluster_settings):
+    pid = submit(store, cluster_settings, "import_error.py", 30, batch_size=5)
+    view = run_to_end(store, cluster_settings, pid)
+    assert view.status == "failed"
+    assert view.error == ("the script raised while being imported: ModuleNotFoundError: "
+                          "No module named 'a_module_that_does_not_exist'")
+    assert "import_error.py" in view.error_traceback
+    with store.session() as s:
+        assert s.execute(select(Task).where(Task.project_id == pid)).first() is None
+
+
+def test_cancel_stops_in_flight_batches_and_keeps_results(store, cluster_settings):
+    pid = submit(store, cluster_settings, "slow.py", 60, batch_size=2)
+    cancelled_at = []
+
+    def cancel_when_started():
+        while projects.project_status(store, accounts.local_admin(store), pid).rows_succeeded < 2:
+            time.sleep(0.05)
+        projects.cancel_project(store, accounts.local_admin(store), pid)
+        cancelled_at.append(time.monotonic())
+
+    thread = threading.Thread(target=cancel_when_started)
+    thread.start()
+    view = run_to_end(store, cluster_settings, pid)
+    thread.join()
+    assert view.status == "cancelled"
+    stopped_at = time.monotonic()
+    assert 2 <= view.rows_succeeded < 60
+    assert stopped_at - cancelled_at[0] < 5
+    kept = [r for r in results(store, pid) if r["status"] == "succeeded"]
+    assert len(kept) == view.rows_succeeded
+
+
+def test_recovery_dispatches_only_rows_without_results(store, cluster_settings):
+    pid = submit(store, cluster_settings, "square.py", 40, batch_size=8)
+    # As if a dispatcher stored some batches and was then killed.
+    with store.session() as s:
+        transition_project(s, pid, ProjectStatus.RUNNING)
+        record_results(s, pid, [RowResult(i, True, '"kept"', None, None, 0) for i in range(0, 40, 3)], "old")
+    view = run_to_end(store, cluster_settings, pid)
+    assert (view.status, view.rows_succeeded) == ("complete", 40)
+    outputs = [r["output"] for r in results(store, pid)]
+    assert outputs == ["kept" if i % 3 == 0 else i * i for i in range(40)]
+
+
+def test_only_one_dispatcher_holds_the_lease(store, cluster_settings):
+    first, second = Dispatcher(store, cluster_settings), Dispatcher(store, cluster_settings)
+    assert store.acquire_lease(first.holder, 30)
+    assert not store.acquire_lease(second.holder, 30)
+    assert store.lease_holder() == first.holder
+    store.release_lease(first.holder)
+    assert store.acquire_lease(second.holder, 30)
+    store.release_lease(second.holder)

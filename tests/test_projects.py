@@ -1,0 +1,128 @@
+"""Submission, status transitions and exports, on a real SQLite file (no Ray needed)."""
+
+import csv
+import io
+import json
+
+import pytest
+from sqlalchemy import func, select
+
+from conftest import fixture_bytes
+from engine import accounts, projects
+from engine.errors import InvalidDataset, InvalidRequest, InvalidScript, NotFound
+from engine.export import export_results
+from engine.models import DatasetChunk, Project, Task
+from engine.status import ProjectStatus, RowResult, record_results, transition_project
+
+
+def submit(store, settings, script="square.py", data=b"x\n1\n2\n3\n", **kw):
+    return projects.submit_project(
+        store, settings, accounts.local_admin(store), title="t", script_name=script,
+        script_bytes=fixture_bytes(script), dataset_name="d.csv", dataset_bytes=data, **kw)
+
+
+def counts(store):
+    with store.session() as s:
+        return (s.scalar(select(func.count()).select_from(Project)),
+                s.scalar(select(func.count()).select_from(DatasetChunk)))
+
+
+def test_submission_stores_project_and_rows_in_chunks(store, settings):
+    data = b"x\n" + b"".join(b"%d\n" % i for i in range(2500))
+    pid = submit(store, settings, data=data)
+    view = projects.project_status(store, accounts.local_admin(store), pid)
+    assert (view.status, view.rows_total, view.rows_pending) == ("submitted", 2500, 2500)
+    assert counts(store) == (1, 3)
+
+
+def test_invalid_uploads_store_nothing(store, settings):
+    with pytest.raises(InvalidDataset):
+        submit(store, settings, data=b"x,x\n1,2\n")
+    with pytest.raises(InvalidScript):
+        projects.submit_project(store, settings, accounts.local_admin(store), title="t",
+                                script_name="s.py", script_bytes=b"def main(:\n", dataset_name="d.csv",
+                                dataset_bytes=b"x\n1\n")
+    with pytest.raises(InvalidRequest):
+        submit(store, settings, batch_size=0)
+    assert counts(store) == (0, 0)
+
+
+def test_terminal_status_is_never_left(store, settings):
+    pid = submit(store, settings)
+    with store.session() as s:
+        assert not transition_project(s, pid, ProjectStatus.COMPLETE)  # submitted -> complete: no
+        assert transition_project(s, pid, ProjectStatus.RUNNING)
+        assert transition_project(s, pid, ProjectStatus.CANCELLED)
+        for target in ProjectStatus:
+            assert not transition_project(s, pid, target)
+        assert s.get(Project, pid).status == "cancelled"
+    with pytest.raises(InvalidRequest, match="already cancelled"):
+        projects.cancel_project(store, accounts.local_admin(store), pid)
+
+
+def test_results_count_once_and_complete_the_project(store, settings):
+    pid = submit(store, settings)
+    ok = [RowResult(i, True, str(i * i), None, None, 0.01) for i in range(3)]
+    with store.session() as s:
+        transition_project(s, pid, ProjectStatus.RUNNING)
+        assert record_results(s, pid, ok[:2], "node-a") == (2, 0)
+        assert record_results(s, pid, ok[:2], "node-b") == (0, 0)  # a duplicate batch counts nothing
+    with store.session() as s:
+        assert s.get(Project, pid).status == "running"
+        record_results(s, pid, ok[2:], "node-b")
+    view = projects.project_status(store, accounts.local_admin(store), pid)
+    assert (view.status, view.rows_succeeded, view.rows_pending) == ("complete", 3, 0)
+    with store.session() as s:
+        assert s.get(Task, (pid, 0)).node_id == "node-a"  # the first result stored is the one kept
+
+
+def test_results_for_a_cancelled_project_are_not_stored(store, settings):
+    pid = submit(store, settings)
+    with store.session() as s:
+        transition_project(s, pid, ProjectStatus.RUNNING)
+        transition_project(s, pid, ProjectStatus.CANCELLED)
+        assert record_results(s, pid, [RowResult(0, True, "1", None, None, 0)], "n") == (0, 0)
+
+
+def _finish(store, pid, results):
+    with store.session() as s:
+        transition_project(s, pid, ProjectStatus.RUNNING)
+        record_results(s, pid, results, "n")
+
+
+def test_json_export_format(store, settings):
+    pid = submit(store, settings, data=b"x\n1\n2\n")
+    _finish(store, pid, [RowResult(0, True, '{"a": 1}', None, None, 0),
+                         RowResult(1, False, None, "ValueError: bad", "Traceback...", 0)])
+    out = io.StringIO()
+    export_results(store, accounts.local_admin(store), pid, "json", out)
+    assert json.loads(out.getvalue()) == [
+        {"row": 0, "status": "succeeded", "output": {"a": 1}, "error": None},
+        {"row": 1, "status": "failed", "output": None, "error": "ValueError: bad"}]
+
+
+def test_csv_export_expands_dict_outputs(store, settings):
+    pid = submit(store, settings, data=b"x,label\n1,a\n2,b\n3,c\n")
+    _finish(store, pid, [RowResult(0, True, '{"double": 2, "x": "one"}', None, None, 0),
+                         RowResult(1, False, None, "ValueError: bad", None, 0),
+                         RowResult(2, True, '{"double": 6, "extra": [1, 2]}', None, None, 0)])
+    out = io.StringIO()
+    export_results(store, accounts.local_admin(store), pid, "csv", out)
+    rows = list(csv.reader(io.StringIO(out.getvalue())))
+    assert rows == [["x", "label", "double", "output.x", "extra", "error"],
+                    ["1", "a", "2", "one", "", ""],
+                    ["2", "b", "", "", "", "ValueError: bad"],
+                    ["3", "c", "6", "", "[1, 2]", ""]]
+
+
+def test_csv_export_of_scalar_outputs(store, settings):
+    pid = submit(store, settings, data=b"x\n1\n2\n")
+    _finish(store, pid, [RowResult(0, True, "1", None, None, 0), RowResult(1, True, '"text"', None, None, 0)])
+    out = io.StringIO()
+    export_results(store, accounts.local_admin(store), pid, "csv", out)
+    assert out.getvalue() == "x,output,error\n1,1,\n2,text,\n"
+
+
+def test_unknown_project_is_not_found(store):
+    with pytest.raises(NotFound):
+        projects.project_status(store, accounts.local_admin(store), 999)
