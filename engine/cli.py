@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="all projects")
     listing.add_argument("--json", action="store_true")
 
+    rerun = commands.add_parser("rerun-failed", help="run a finished project's failed rows again")
+    rerun.add_argument("id", type=int)
+
+    backup = commands.add_parser("backup", help="copy the database (SQLite online backup)")
+    backup.add_argument("path", type=Path)
+
     commands.add_parser("init", help="create the database and the cluster token")
     commands.add_parser("dispatcher", help="run the dispatcher in the foreground")
     commands.add_parser("serve", help="run the Ray head, the dispatcher and the portal (make run)")
@@ -161,6 +167,19 @@ def _cancel(args, settings: Settings) -> int:
     return 0
 
 
+def _rerun_failed(args, settings: Settings) -> int:
+    store = Store(settings)
+    count = projects.rerun_failed_rows(store, accounts.local_admin(store), args.id)
+    print(f"project {args.id}: {count} failed rows will run again")
+    return 0
+
+
+def _backup(args, settings: Settings) -> int:
+    path = Store(settings).backup(args.path)
+    print(f"backed up to {path}")
+    return 0
+
+
 def _list(args, settings: Settings) -> int:
     store = Store(settings)
     views = projects.list_projects(store, accounts.local_admin(store))
@@ -179,12 +198,19 @@ def _init(args, settings: Settings) -> int:
     return 0
 
 
+EXIT_HEAD_LOST = 75
+
+
 def _dispatcher(args, settings: Settings) -> int:
-    from engine.scheduler import Dispatcher
+    from engine.scheduler import Dispatcher, HeadLost
 
     # SIGTERM (from the supervisor) unwinds normally, so the lease is released at once.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    Dispatcher(Store(settings), settings).run()
+    try:
+        Dispatcher(Store(settings), settings).run()
+    except HeadLost as exc:
+        logger.error("dispatcher: %s; exiting so that the supervisor can recover", exc)
+        return EXIT_HEAD_LOST
     return 0
 
 
@@ -195,4 +221,5 @@ def _serve(args, settings: Settings) -> int:
 
 
 _COMMANDS = {"submit": _submit, "status": _status, "results": _results, "cancel": _cancel,
-             "list": _list, "init": _init, "dispatcher": _dispatcher, "serve": _serve}
+             "list": _list, "init": _init, "rerun-failed": _rerun_failed, "backup": _backup,
+             "dispatcher": _dispatcher, "serve": _serve}

@@ -63,6 +63,8 @@ class Project(Base):
     row_timeout: Mapped[float] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     error_traceback: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # 1 for the first run; each "re-run failed rows" starts the next attempt.
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -104,11 +106,34 @@ class Task(Base):
     finished_at: Mapped[float] = mapped_column(Float)
 
 
+class TaskHistory(Base):
+    """Earlier outcomes of rows that were re-run (``rerun-failed``): nothing is thrown away."""
+
+    __tablename__ = "task_history"
+
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), primary_key=True)
+    row_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    output: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    traceback: Mapped[str | None] = mapped_column(Text, nullable=True)
+    node_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    cpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    finished_at: Mapped[float] = mapped_column(Float)
+
+
 class DispatcherLease(Base):
-    """At most one dispatcher runs projects at a time; it holds this row's lease."""
+    """At most one dispatcher runs projects at a time; it holds this row's lease.
+
+    The holder also reports the cluster's health here, which the portal shows.
+    """
 
     __tablename__ = "dispatcher_lease"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     holder: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[float] = mapped_column(Float)
+    cluster_status: Mapped[str] = mapped_column(String(16), default="starting")
+    cluster_message: Mapped[str] = mapped_column(Text, default="")
+    cluster_cpus: Mapped[float] = mapped_column(Float, default=0.0)

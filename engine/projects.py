@@ -21,7 +21,7 @@ from engine.errors import InvalidRequest
 from engine.models import DatasetChunk, Project, Task, User
 from engine.script import Script, check_script
 from engine.settings import Settings
-from engine.status import ProjectStatus, transition_project
+from engine.status import ProjectStatus, rerun_failed, transition_project
 from engine.store import Store
 
 logger = logging.getLogger(__name__)
@@ -145,6 +145,18 @@ def cancel_project(store: Store, actor: User, project_id: int) -> None:
         if not transition_project(session, project_id, ProjectStatus.CANCELLED):
             raise InvalidRequest(f"project {project_id} is already {project.status}")
     logger.info("project %s: cancelled by %s", project_id, actor.name)
+
+
+def rerun_failed_rows(store: Store, actor: User, project_id: int) -> int:
+    """Run the failed rows of a finished project again, as a new attempt; returns how many."""
+    with store.session() as session:
+        project = visible_project(session, actor, project_id)
+        moved = rerun_failed(session, project_id)
+        if moved < 0:
+            raise InvalidRequest(
+                f"project {project_id} is {project.status}; only a complete or failed project "
+                f"can re-run its failed rows")
+    return moved
 
 
 def rows_per_node(store: Store, actor: User, project_id: int) -> dict[str | None, int]:

@@ -9,7 +9,13 @@ A task is one row, but rows travel in batches (one Ray call per row is ~1.4k row
 Batches are contiguous row ranges. Ray retries a batch whose node died; a batch that
 still fails is dispatched again up to ``max_batch_attempts`` times, and its rows fail
 only after that. A row that already has a result keeps it, so a batch that runs twice
-never counts a row twice.
+never counts a row twice. Batches are never pinned to a node (a task pinned to a dead
+node waits forever); a node where the script cannot even be imported is only excluded,
+with a label selector, and the project fails only when no live node can import it.
+
+Failures of the store (disk full, a locked or read-only database) do not lose results:
+the batch's results stay in memory and are written again until the write succeeds,
+and the project cannot complete before they are.
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from engine import cluster
 from engine.executor import Limits
-from engine.models import DatasetChunk, Project, Task
+from engine.models import DatasetChunk, DispatcherLease, Project, Task
 from engine.settings import Settings
 from engine.status import ProjectStatus, RowResult, record_results, transition_project
 from engine.store import Store
@@ -37,10 +44,16 @@ from engine.store import Store
 logger = logging.getLogger(__name__)
 
 _REFRESH_SECONDS = 0.25
+_HEAD_LOST_SECONDS = 10.0
+_NODE_ID_LABEL = "ray.io/node-id"
 
 
 class LeaseLost(RuntimeError):
     """Another dispatcher took the lease: this one must stop at once."""
+
+
+class HeadLost(RuntimeError):
+    """The Ray head stopped answering; the driver must go (Ray would kill it in ~60 s)."""
 
 
 def run_batch_on_node(source: Any, filename: str, columns: list[str], payload: bytes,
@@ -78,7 +91,7 @@ class _Run:
     source_ref: Any
     todo: deque = field(default_factory=deque)        # (start, end) ranges not yet dispatched
     inflight: dict = field(default_factory=dict)      # ObjectRef -> _Batch
-    chunks: OrderedDict = field(default_factory=OrderedDict)
+    cannot_import: dict = field(default_factory=dict)  # node id -> the script's import error
 
 
 class Dispatcher:
@@ -90,6 +103,10 @@ class Dispatcher:
         self._owner_cycle: deque[int] = deque()
         self._remote = None
         self._max_inflight = 4
+        self._alive_nodes: set[str] = set()
+        self._head_lost_since: float | None = None
+        self._unstored: list[tuple[_Run, list[RowResult], str | None]] = []
+        self.store_error: str = ""
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -114,11 +131,18 @@ class Dispatcher:
             while True:
                 now = time.monotonic()
                 if now - last_renew > self.settings.lease_seconds / 3:
-                    if not self.store.acquire_lease(self.holder, self.settings.lease_seconds):
-                        raise LeaseLost(f"dispatcher {self.holder}: lost the lease")
+                    self._renew()
                     last_renew = now
                 if now - last_refresh > _REFRESH_SECONDS:
-                    self._refresh()
+                    self._check_head()
+                    if self._head_lost_since is not None:
+                        time.sleep(0.5)  # Ray calls would block while the head is gone
+                        continue
+                    self._retry_unstored()
+                    try:
+                        self._refresh()
+                    except SQLAlchemyError as exc:
+                        logger.error("dispatcher %s: cannot read projects: %s", self.holder, exc)
                     last_refresh = now
                     if until is not None and until():
                         break
@@ -133,12 +157,44 @@ class Dispatcher:
             self.store.release_lease(self.holder)
             logger.info("dispatcher %s: stopped", self.holder)
 
+    def _renew(self) -> None:
+        try:
+            if not self.store.acquire_lease(self.holder, self.settings.lease_seconds):
+                raise LeaseLost(f"dispatcher {self.holder}: lost the lease")
+            self._report("online" if self._head_lost_since is None else "unavailable",
+                         self.store_error)
+        except SQLAlchemyError as exc:
+            # The lease outlives a few failed renewals; the store may be briefly unwritable.
+            logger.error("dispatcher %s: cannot renew the lease: %s", self.holder, exc)
+
+    def _report(self, status: str, message: str) -> None:
+        """Tell the portal how the cluster is doing (through the lease row)."""
+        with self.store.session() as session:
+            session.execute(update(DispatcherLease).where(
+                DispatcherLease.id == 1, DispatcherLease.holder == self.holder).values(
+                cluster_status=status, cluster_message=message,
+                cluster_cpus=float(self._max_inflight // 2)))
+
+    def _check_head(self) -> None:
+        if cluster.head_reachable(self.settings, timeout=0.5):
+            self._head_lost_since = None
+            return
+        now = time.monotonic()
+        if self._head_lost_since is None:
+            self._head_lost_since = now
+            logger.error("dispatcher %s: the Ray head is not answering", self.holder)
+            self._report("unavailable", "the Ray head is not answering")
+        elif now - self._head_lost_since > _HEAD_LOST_SECONDS:
+            raise HeadLost(f"the Ray head has not answered for {_HEAD_LOST_SECONDS:.0f} s")
+
     # -- projects -----------------------------------------------------------------------
 
     def _refresh(self) -> None:
         import ray
 
         self._max_inflight = max(2, int(ray.cluster_resources().get("CPU", 1)) * 2)
+        self._alive_nodes = {n["NodeID"] for n in ray.nodes()
+                             if n.get("Alive") and n.get("Resources", {}).get("CPU")}
         with self.store.session() as session:
             active = session.execute(
                 select(Project.id, Project.status).where(
@@ -222,7 +278,12 @@ class Dispatcher:
     def _dispatch(self, run: _Run, batch: _Batch) -> None:
         rows = self._rows(run, batch.start, batch.end)
         payload = pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
-        ref = self._remote.remote(run.source_ref, run.filename, run.columns, payload, run.limits)
+        remote = self._remote
+        if run.cannot_import:
+            # Keep the batch off nodes that cannot import the script, without pinning it.
+            remote = remote.options(label_selector={
+                _NODE_ID_LABEL: f"!in({','.join(sorted(run.cannot_import))})"})
+        ref = remote.remote(run.source_ref, run.filename, run.columns, payload, run.limits)
         run.inflight[ref] = batch
 
     def _rows(self, run: _Run, start: int, end: int) -> list[tuple[int, list]]:
@@ -273,18 +334,30 @@ class Dispatcher:
             self._retry_or_fail(run, batch, exc)
             return
         if outcome.script_error is not None:
-            with self.store.session() as session:
-                transition_project(
-                    session, run.project_id, ProjectStatus.FAILED,
-                    error=f"the script raised while being imported: {outcome.script_error}",
-                    traceback=outcome.script_traceback)
-            self._cancel_inflight(self._runs.pop(run.project_id))
+            self._script_failed_on(run, batch, node_id, outcome)
             return
         self._store(run, outcome.results, node_id)
         returned = sorted(r.row_index for r in outcome.results)
         for start, end in reversed(_missing_ranges(returned, batch.end, first=batch.start)):
             run.todo.appendleft((start, end))
         self._maybe_finish(run)
+
+    def _script_failed_on(self, run: _Run, batch: _Batch, node_id: str, outcome) -> None:
+        """The script's top-level code raised on ``node_id``: try elsewhere, or fail the project."""
+        run.cannot_import[node_id] = outcome.script_error
+        others = self._alive_nodes - set(run.cannot_import)
+        if others:
+            logger.warning("project %s: the script cannot be imported on node %s (%s); "
+                           "running its batches elsewhere", run.project_id, node_id[:12],
+                           outcome.script_error)
+            run.todo.appendleft((batch.start, batch.end))
+            return
+        with self.store.session() as session:
+            transition_project(
+                session, run.project_id, ProjectStatus.FAILED,
+                error=f"the script raised while being imported: {outcome.script_error}",
+                traceback=outcome.script_traceback)
+        self._cancel_inflight(self._runs.pop(run.project_id))
 
     def _retry_or_fail(self, run: _Run, batch: _Batch, exc: Exception) -> None:
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
@@ -301,11 +374,32 @@ class Dispatcher:
         self._maybe_finish(run)
 
     def _store(self, run: _Run, results: list[RowResult], node_id: str | None) -> None:
-        with self.store.session() as session:
-            record_results(session, run.project_id, results, node_id)
+        try:
+            with self.store.session() as session:
+                record_results(session, run.project_id, results, node_id,
+                               systematic_rows=self.settings.systematic_failure_rows)
+        except SQLAlchemyError as exc:
+            # Keep the results and write them again later; the project cannot complete
+            # meanwhile, because completion is decided in the same transaction.
+            self.store_error = f"cannot write results to the database: {exc.orig or exc}"
+            logger.error("project %s: %s; will retry", run.project_id, self.store_error)
+            self._unstored.append((run, results, node_id))
+            return
+        if self.store_error and not self._unstored:
+            self.store_error = ""
+            logger.info("project %s: the database accepts writes again", run.project_id)
+
+    def _retry_unstored(self) -> None:
+        pending, self._unstored = self._unstored, []
+        for run, results, node_id in pending:
+            self._store(run, results, node_id)
+        if pending and not self._unstored:
+            self.store_error = ""
+            for run, _results, _node in pending:
+                self._maybe_finish(run)
 
     def _maybe_finish(self, run: _Run) -> None:
-        if run.todo or run.inflight:
+        if run.todo or run.inflight or any(r is run for r, _, _ in self._unstored):
             return
         self._runs.pop(run.project_id, None)
         logger.info("project %s: all rows dispatched and stored", run.project_id)

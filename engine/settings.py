@@ -63,6 +63,11 @@ SETTINGS: tuple[Setting, ...] = (
             "How often a batch whose worker or node died is dispatched again before its rows fail."),
     Setting("lease_seconds", 15.0, float,
             "How long a dispatcher's lease on the store lasts without renewal."),
+    Setting("systematic_failure_rows", 20, int,
+            "Stop a project as failed when its first N completed rows all raised the same "
+            "exception type (0 disables)."),
+    Setting("head_policy", "restart", str,
+            "When the Ray head dies: 'restart' it (serve), or 'wait' for an operator to start one."),
     Setting("log_level", "INFO", str, "Log level of the entry points."),
 )
 
@@ -85,6 +90,8 @@ class Settings:
     output_limit_mb: int = 10
     max_batch_attempts: int = 3
     lease_seconds: float = 15.0
+    systematic_failure_rows: int = 20
+    head_policy: str = "restart"
     log_level: str = "INFO"
 
     @classmethod

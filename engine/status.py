@@ -1,9 +1,13 @@
 """Project and task statuses, and the only code that changes them.
 
-Every status change goes through ``transition_project`` or ``record_results``. Each
-writes the change and its side effects (results, counters, completion) in the caller's
-transaction, as one compare-and-set, so a terminal status is never left and two
+Every status change goes through ``transition_project``, ``record_results`` or
+``rerun_failed``. Each writes the change and its side effects (results, counters,
+completion, history) in the caller's transaction, as one compare-and-set, so two
 dispatchers can never both complete or double-count a project.
+
+A terminal status is never left by the engine on its own: late results of a cancelled
+project are dropped, and a complete project stays complete. The one way out is a
+researcher's explicit "re-run failed rows", which starts a new attempt of the project.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import enum
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from sqlalchemy import text, update
 from sqlalchemy.orm import Session
@@ -108,12 +112,14 @@ _INSERT_TASK = text(
 
 
 def record_results(session: Session, project_id: int, results: Sequence[RowResult],
-                   node_id: str | None) -> tuple[int, int]:
+                   node_id: str | None, *, systematic_rows: int = 0) -> tuple[int, int]:
     """Store row outcomes, bump the project's counters, and complete it when every row is in.
 
     A row that already has a result keeps it (a retried or duplicated batch cannot count a
-    row twice). Results for a project that is no longer running are not stored. Returns
-    (succeeded, failed) counts actually stored.
+    row twice). Results for a project that is no longer running are not stored. When the
+    first ``systematic_rows`` completed rows all raised the same exception type, the
+    project stops as failed (a broken script should not run over a million rows).
+    Returns (succeeded, failed) counts actually stored.
     """
     status = session.execute(
         text("SELECT status FROM projects WHERE id = :p"), {"p": project_id}).scalar_one_or_none()
@@ -140,13 +146,55 @@ def record_results(session: Session, project_id: int, results: Sequence[RowResul
                 rows_failed=Project.rows_failed + failed,
             )
         )
-    done = session.execute(
-        text("SELECT rows_succeeded + rows_failed >= rows_total FROM projects WHERE id = :p"),
-        {"p": project_id}).scalar_one()
-    if done:
+    total, ok, bad = session.execute(
+        text("SELECT rows_total, rows_succeeded, rows_failed FROM projects WHERE id = :p"),
+        {"p": project_id}).one()
+    if systematic_rows and ok == 0 and bad >= systematic_rows and failed:
+        _stop_if_systematic(session, project_id, systematic_rows)
+    if ok + bad >= total:
         transition_project(session, project_id, ProjectStatus.COMPLETE)
     return succeeded, failed
 
 
-def statuses(values: Iterable[str]) -> list[ProjectStatus]:
-    return [ProjectStatus(v) for v in values]
+def _stop_if_systematic(session: Session, project_id: int, rows: int) -> None:
+    first = session.execute(
+        text("SELECT error, traceback FROM tasks WHERE project_id = :p AND status = 'failed' "
+             "ORDER BY finished_at, row_index LIMIT :n"), {"p": project_id, "n": rows}).all()
+    kinds = {(error or "").split(":", 1)[0] for error, _ in first}
+    if len(first) >= rows and len(kinds) == 1:
+        kind = kinds.pop()
+        example = next((tb for _, tb in first if tb), None) or first[0][0]
+        transition_project(session, project_id, ProjectStatus.FAILED,
+                           error=f"stopped: the first {rows} rows all raised {kind}",
+                           traceback=example)
+
+
+def rerun_failed(session: Session, project_id: int) -> int:
+    """Start a new attempt of a finished project that re-runs only its failed rows.
+
+    The failed outcomes move to ``task_history`` (kept, numbered by attempt), and the
+    project goes back to ``submitted`` so that a dispatcher picks up the rows that now
+    have no result. Returns how many rows will run again.
+    """
+    project = session.get(Project, project_id)
+    if project.status not in (ProjectStatus.COMPLETE.value, ProjectStatus.FAILED.value):
+        return -1
+    attempt = project.attempt
+    session.execute(text(
+        "INSERT INTO task_history (project_id, row_index, attempt, status, output, error, "
+        "traceback, node_id, cpu_seconds, finished_at) "
+        "SELECT project_id, row_index, :a, status, output, error, traceback, node_id, "
+        "cpu_seconds, finished_at FROM tasks WHERE project_id = :p AND status = 'failed'"),
+        {"p": project_id, "a": attempt})
+    moved = session.execute(text("DELETE FROM tasks WHERE project_id = :p AND status = 'failed'"),
+                            {"p": project_id}).rowcount
+    changed = session.execute(
+        update(Project).where(Project.id == project_id, Project.status == project.status).values(
+            status=ProjectStatus.SUBMITTED.value, attempt=attempt + 1,
+            rows_failed=Project.rows_failed - moved, error=None, error_traceback=None,
+            finished_at=None))
+    if changed.rowcount != 1:
+        raise RuntimeError(f"project {project_id} changed while it was being re-run")
+    logger.info("project %s: attempt %d re-runs %d failed rows", project_id, attempt + 1, moved)
+    return moved
+

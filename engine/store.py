@@ -9,6 +9,7 @@ corrupt the file) and makes each batch commit several times cheaper.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from engine.errors import InvalidRequest
 from engine.models import SCHEMA_VERSION, Base, DispatcherLease, Meta
 from engine.settings import Settings
 
@@ -72,6 +74,31 @@ class Store:
             raise
         finally:
             session.close()
+
+    def backup(self, destination: str | Path) -> Path:
+        """Copy the database to ``destination`` with SQLite's online backup API.
+
+        Safe while the portal and the dispatcher are writing: the copy is a consistent
+        snapshot. To restore, stop Constellation and put the copy in place of the database
+        file (or point CONSTELLATION_DB_URL at it).
+        """
+        if not self.is_sqlite:
+            raise InvalidRequest("backup works on SQLite databases; use pg_dump for PostgreSQL")
+        destination = Path(destination).resolve()
+        if destination.exists():
+            raise InvalidRequest(f"{destination} already exists; choose a new file")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        source_connection = self.engine.raw_connection()
+        try:
+            target = sqlite3.connect(destination)
+            try:
+                source_connection.driver_connection.backup(target)
+            finally:
+                target.close()
+        finally:
+            source_connection.close()
+        logger.info("store: backed up to %s", destination)
+        return destination
 
     # -- the dispatcher lease -------------------------------------------------------
 
