@@ -63,9 +63,25 @@ def _parser() -> argparse.ArgumentParser:
     backup = commands.add_parser("backup", help="copy the database (SQLite online backup)")
     backup.add_argument("path", type=Path)
 
+    user = commands.add_parser("user", help="manage portal accounts")
+    user_commands = user.add_subparsers(dest="user_command", required=True)
+    user_add = user_commands.add_parser("add", help="add an account (the only way to make an admin)")
+    user_add.add_argument("name")
+    user_add.add_argument("--role", action="append", required=True,
+                          choices=[r.value for r in accounts.Role],
+                          help="repeat for several roles")
+    user_add.add_argument("--email", default="")
+    user_add.add_argument("--password-stdin", action="store_true", required=True,
+                          help="read the password from the first line of standard input")
+    user_list = user_commands.add_parser("list", help="all accounts")
+    user_list.add_argument("--json", action="store_true")
+    user_disable = user_commands.add_parser("disable", help="stop an account from signing in")
+    user_disable.add_argument("name")
+
     commands.add_parser("init", help="create the database and the cluster token")
     commands.add_parser("dispatcher", help="run the dispatcher in the foreground")
-    commands.add_parser("serve", help="run the Ray head, the dispatcher and the portal (make run)")
+    serve = commands.add_parser("serve", help="run the Ray head, the dispatcher and the portal (make run)")
+    serve.add_argument("--no-portal", action="store_true", help="run only the head and the dispatcher")
     return parser
 
 
@@ -191,6 +207,26 @@ def _list(args, settings: Settings) -> int:
     return 0
 
 
+def _user(args, settings: Settings) -> int:
+    store = Store(settings)
+    if args.user_command == "add":
+        password = sys.stdin.readline().rstrip("\r\n")
+        user = accounts.add_user(store, args.name, {accounts.Role(r) for r in args.role},
+                                 password=password, email=args.email)
+        print(f"user {user.name} added ({user.roles})")
+    elif args.user_command == "list":
+        views = accounts.list_users(store, accounts.local_admin(store))
+        if args.json:
+            print(json.dumps([v.to_dict() for v in views]))
+        else:
+            for v in views:
+                print(f"{v.name}\t{','.join(v.roles)}\t{'disabled' if v.disabled else 'active'}\t{v.email}")
+    else:
+        accounts.disable_user(store, accounts.local_admin(store), args.name)
+        print(f"user {args.name} disabled")
+    return 0
+
+
 def _init(args, settings: Settings) -> int:
     store = Store(settings)
     cluster.cluster_token(settings)
@@ -217,9 +253,10 @@ def _dispatcher(args, settings: Settings) -> int:
 def _serve(args, settings: Settings) -> int:
     from engine.supervisor import Supervisor
 
-    return Supervisor(settings).run()
+    return Supervisor(settings, portal=not args.no_portal).run()
 
 
 _COMMANDS = {"submit": _submit, "status": _status, "results": _results, "cancel": _cancel,
              "list": _list, "init": _init, "rerun-failed": _rerun_failed, "backup": _backup,
+             "user": _user,
              "dispatcher": _dispatcher, "serve": _serve}

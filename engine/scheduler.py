@@ -126,6 +126,7 @@ class Dispatcher:
         import ray
 
         self._remote = ray.remote(run_batch_on_node).options(num_cpus=1, max_retries=3)
+        self._report("online", "")
         last_renew = last_refresh = 0.0
         try:
             while True:

@@ -129,6 +129,20 @@ class Store:
             session.execute(text("UPDATE dispatcher_lease SET expires_at = 0 WHERE holder = :h"),
                             {"h": holder})
 
+    def cluster_health(self) -> dict:
+        """What the portal shows about the cluster, from the dispatcher's lease row.
+
+        ``status`` is ``online``, ``unavailable`` (the head is not answering) or
+        ``no dispatcher`` (none holds a live lease, so nothing runs).
+        """
+        with self.session() as session:
+            lease = session.get(DispatcherLease, 1)
+            if lease is None or lease.expires_at <= time.time():
+                return {"status": "no dispatcher", "message": "no dispatcher is running",
+                        "cpus": 0.0}
+            return {"status": lease.cluster_status, "message": lease.cluster_message,
+                    "cpus": lease.cluster_cpus}
+
     def lease_holder(self) -> str | None:
         """The live lease's holder, or None when no dispatcher is running."""
         with self.session() as session:

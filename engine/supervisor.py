@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from engine import cluster
+from engine.errors import ClusterUnavailable
 from engine.settings import Settings
 from engine.store import Store
 
@@ -27,50 +28,86 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Supervisor:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, portal: bool = True):
         self.settings = settings
+        self.portal = portal
         self._stopping = False
 
     def _spawn(self, argv: list[str]) -> subprocess.Popen:
-        return subprocess.Popen(argv, cwd=ROOT, start_new_session=True)
+        # Die with the supervisor even if it is killed with SIGKILL: no orphaned portal
+        # or dispatcher may keep the port or the lease.
+        return subprocess.Popen(argv, cwd=ROOT, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+
+    def _start_dispatcher(self) -> subprocess.Popen:
+        return self._spawn([sys.executable, "-m", "engine", "dispatcher"])
 
     def run(self) -> int:
         Store(self.settings)  # creates the database and its schema
         cluster.cluster_token(self.settings)
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
-        head = cluster.ensure_head(self.settings)
-        dispatcher = self._spawn([sys.executable, "-m", "engine", "dispatcher"])
-        portal = self._spawn([
-            sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app.py"),
-            "--server.port", str(self.settings.portal_port), "--server.headless", "true",
-            "--browser.gatherUsageStats", "false"])
-        logger.info("supervisor: portal on http://localhost:%s", self.settings.portal_port)
+        head = self._head()
+        dispatcher = self._start_dispatcher()
+        portal = None
+        if self.portal:
+            portal = self._spawn([
+                sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app.py"),
+                "--server.port", str(self.settings.portal_port), "--server.headless", "true",
+                "--browser.gatherUsageStats", "false"])
+            logger.info("supervisor: portal on http://localhost:%s", self.settings.portal_port)
         restarts = 0
         try:
             while not self._stopping:
                 time.sleep(0.5)
-                if portal.poll() is not None:
+                if portal is not None and portal.poll() is not None:
                     logger.error("supervisor: the portal exited (code %s); stopping", portal.returncode)
                     return 1
+                if head is not None and not head.alive():
+                    logger.error("supervisor: the Ray head exited (code %s)", head.process.returncode)
+                    head.stop(grace=1)
+                    head = None
+                if head is None and not cluster.head_reachable(self.settings):
+                    head = self._head()
                 if dispatcher.poll() is not None and not self._stopping:
+                    if not cluster.head_reachable(self.settings):
+                        continue  # restart it once there is a head to drive
                     restarts += 1
                     logger.warning("supervisor: dispatcher exited (code %s); restarting (%d)",
                                    dispatcher.returncode, restarts)
-                    if head is not None and not head.alive():
-                        head = cluster.ensure_head(self.settings)
-                    time.sleep(min(30, 2 ** min(restarts, 5)))
-                    dispatcher = self._spawn([sys.executable, "-m", "engine", "dispatcher"])
+                    time.sleep(min(5, restarts))
+                    dispatcher = self._start_dispatcher()
             return 0
         finally:
             for process in (portal, dispatcher):
-                _stop_group(process)
+                if process is not None:
+                    _stop_group(process)
             if head is not None:
                 head.stop()
+
+    def _head(self) -> cluster.LocalHead | None:
+        """Start the local head if the policy allows; None when waiting for an operator's head."""
+        if cluster.head_reachable(self.settings):
+            return None
+        if self.settings.head_policy != "restart" or self.settings.ray_address:
+            logger.warning("supervisor: no Ray head at %s; waiting for one (head_policy=%s)",
+                           cluster.head_address(self.settings), self.settings.head_policy)
+            return None
+        try:
+            return cluster.LocalHead(self.settings)
+        except ClusterUnavailable as exc:
+            logger.error("supervisor: %s; retrying", exc)
+            return None
 
     def _stop(self, signum, _frame) -> None:
         logger.info("supervisor: received %s; stopping", signal.Signals(signum).name)
         self._stopping = True
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:

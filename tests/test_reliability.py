@@ -197,3 +197,51 @@ def test_fair_share_small_project_is_not_starved(cluster_settings, data_dir):
     thread.join()
     # The small project finished while the big one still had most of its rows to do.
     assert finished["big_done_when_small_ended"] < 10000
+
+
+def test_head_death_is_survived_by_serve(settings, tmp_path):
+    """Kill the Ray head's GCS under `engine serve`: the portal keeps serving, the cluster
+    is reported unavailable, the head comes back and the project completes."""
+    import urllib.request
+
+    from conftest import free_port
+
+    settings = settings.replace(ray_port=free_port(), portal_port=free_port(), ray_num_cpus=2)
+    store = Store(settings)
+    env = engine_env(settings)
+    env["CONSTELLATION_PORTAL_PORT"] = str(settings.portal_port)
+    serve = subprocess.Popen([python(), "-m", "engine", "serve"], env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "wb"))
+    health_url = f"http://127.0.0.1:{settings.portal_port}/_stcore/health"
+    try:
+        pid = submit(store, settings, "ms.py", 6000, batch_size=50)
+        wait_for(lambda: status(store, pid).rows_succeeded >= 300, timeout=120)
+        gcs = subprocess.run(["pgrep", "-f", f"gcs_server.*{settings.data_dir}"],
+                             capture_output=True, text=True).stdout.split()
+        assert len(gcs) == 1
+        os.kill(int(gcs[0]), signal.SIGKILL)
+        seen = set()
+        portal_ok = []
+
+        def watch():
+            seen.add(store.cluster_health()["status"])
+            try:
+                portal_ok.append(urllib.request.urlopen(health_url, timeout=2).status == 200)
+            except OSError:
+                portal_ok.append(False)
+            return status(store, pid).status == "complete"
+
+        wait_for(watch, timeout=180, interval=0.2)
+        assert seen & {"unavailable", "no dispatcher"}, seen
+        assert portal_ok and all(portal_ok), "the portal stopped serving during the outage"
+        assert store.cluster_health()["status"] == "online"
+        assert_every_row_once(store, pid, 6000)
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        try:
+            serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
+    leftovers = subprocess.run(["pgrep", "-f", settings.data_dir], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == "", (tmp_path / "serve.log").read_text()[-3000:]
