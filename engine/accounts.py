@@ -1,20 +1,40 @@
-"""Users and roles, and the checks every engine call makes for the acting user."""
+"""Users and roles: accounts, passwords, sign-in limits, and the checks every engine call
+makes for the acting user.
+
+Passwords are hashed with bcrypt (the same ``$2b$`` hashes streamlit-authenticator checks).
+User names are lower case, because the portal's sign-in form lower-cases what is typed.
+Failed sign-ins are counted per user name in the store, so the limit holds across
+sessions, browsers and portal restarts.
+"""
 
 from __future__ import annotations
 
 import enum
 import logging
+import os
+import secrets
 import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 
-from sqlalchemy import select
+import bcrypt
+from sqlalchemy import Float, Integer, String, delete, select
+from sqlalchemy.orm import Mapped, mapped_column
 
 from engine.errors import Forbidden, InvalidRequest, NotFound
-from engine.models import Project, User
+from engine.models import Base, Project, User
+from engine.settings import Settings
 from engine.store import Store
 
 logger = logging.getLogger(__name__)
 
 LOCAL_ADMIN = "admin"
+# Five wrong passwords within the window lock the name for the rest of the window.
+MAX_FAILED_LOGINS = 5
+LOGIN_WINDOW_SECONDS = 15 * 60
+MIN_PASSWORD_CHARS = 8
+# bcrypt uses only the first 72 bytes; longer passwords would silently collide.
+MAX_PASSWORD_BYTES = 72
 
 
 class Role(str, enum.Enum):
@@ -24,6 +44,64 @@ class Role(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+SELF_SERVICE_ROLES = frozenset({Role.RESEARCHER, Role.VOLUNTEER})
+
+
+class LoginFailures(Base):
+    """Recent failed sign-ins of one user name (a row exists only while there are some)."""
+
+    __tablename__ = "login_failures"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    window_started: Mapped[float] = mapped_column(Float)
+
+
+@dataclass(frozen=True)
+class UserView:
+    """What ``user list --json`` prints and the Admin page shows."""
+
+    name: str
+    email: str
+    roles: list[str]
+    disabled: bool
+    created_at: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- passwords -------------------------------------------------------------------------
+
+
+def hash_password(password: str) -> str:
+    """A bcrypt hash of ``password`` after checking the password rules."""
+    _check_password(password)
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()
+
+
+def check_password(password: str, password_hash: str) -> bool:
+    if not password_hash or len(password.encode()) > MAX_PASSWORD_BYTES:
+        return False
+    try:
+        return bcrypt.checkpw(password.encode(), password_hash.encode())
+    except ValueError:  # not a bcrypt hash
+        return False
+
+
+def _check_password(password: str) -> None:
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise InvalidRequest(f"a password needs at least {MIN_PASSWORD_CHARS} characters")
+    if len(password.encode()) > MAX_PASSWORD_BYTES:
+        raise InvalidRequest(f"a password can have at most {MAX_PASSWORD_BYTES} bytes")
+    if password != password.strip():
+        # The sign-in form strips what is typed; such a password could never match.
+        raise InvalidRequest("a password cannot start or end with a space")
+
+
+# -- users -----------------------------------------------------------------------------
 
 
 def get_user(store: Store, name: str) -> User:
@@ -49,20 +127,205 @@ def local_admin(store: Store) -> User:
 
 def create_user(store: Store, name: str, roles: set[Role], *, email: str = "",
                 password_hash: str = "") -> User:
-    if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
+    if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum() \
+            or not name.isascii():
         raise InvalidRequest("a user name is 1-64 letters, digits, '-' or '_'")
+    if not roles:
+        raise InvalidRequest("a user needs at least one role")
+    email = email.strip()
+    if email and ("@" not in email or len(email) > 254 or any(c.isspace() for c in email)):
+        raise InvalidRequest(f"{email!r} is not an email address")
     with store.session() as session:
         if session.execute(select(User.id).where(User.name == name)).first():
             raise InvalidRequest(f"the user name {name!r} is taken")
         user = User(name=name, email=email, password_hash=password_hash,
-                    roles=",".join(sorted(r.value for r in roles)), created_at=time.time())
+                    roles=",".join(sorted(Role(r).value for r in roles)), created_at=time.time())
         session.add(user)
         session.flush()
         return user
 
 
+def add_user(store: Store, name: str, roles: set[Role], *, password: str,
+             email: str = "") -> User:
+    """Create an account with any roles, admin included (the CLI's ``user add``)."""
+    user = create_user(store, name.strip().lower(), set(roles), email=email,
+                       password_hash=hash_password(password))
+    logger.info("user %s: added with roles %s", user.name, user.roles)
+    return user
+
+
+def register_user(store: Store, name: str, email: str, password: str,
+                  roles: set[Role]) -> User:
+    """Self-service registration: researcher and/or volunteer, never admin."""
+    roles = {Role(r) for r in roles}
+    if not roles:
+        raise InvalidRequest("choose a role: researcher, volunteer or both")
+    if not roles <= SELF_SERVICE_ROLES:
+        raise Forbidden("the admin role is granted only from the command line")
+    if not email.strip():
+        raise InvalidRequest("an email address is required")
+    user = create_user(store, name.strip().lower(), roles, email=email,
+                       password_hash=hash_password(password))
+    logger.info("user %s: registered with roles %s", user.name, user.roles)
+    return user
+
+
+def _view(user: User) -> UserView:
+    return UserView(name=user.name, email=user.email, roles=sorted(user.role_set),
+                    disabled=bool(user.disabled),
+                    created_at=datetime.fromtimestamp(user.created_at, timezone.utc)
+                    .isoformat(timespec="seconds"))
+
+
+def list_users(store: Store, actor: User) -> list[UserView]:
+    """Every account, oldest first (admins only)."""
+    require_role(actor, Role.ADMIN)
+    with store.session() as session:
+        return [_view(u) for u in session.execute(select(User).order_by(User.id)).scalars()]
+
+
+def disable_user(store: Store, actor: User, name: str) -> None:
+    """Disable an account: it can no longer sign in or act. Admins only; not oneself."""
+    require_role(actor, Role.ADMIN)
+    if name == actor.name:
+        raise InvalidRequest("you cannot disable your own account")
+    with store.session() as session:
+        user = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
+        if user is None:
+            raise NotFound(f"no user named {name!r}")
+        user.disabled = True
+    logger.info("user %s: disabled by %s", name, actor.name)
+
+
+# -- signing in ------------------------------------------------------------------------
+
+
+def login_lock_remaining(store: Store, name: str, now: float | None = None) -> float:
+    """Seconds until ``name`` may try to sign in again (0 when it is not locked)."""
+    now = time.time() if now is None else now
+    with store.session() as session:
+        row = session.get(LoginFailures, name)
+        if row is None or row.failures < MAX_FAILED_LOGINS:
+            return 0.0
+        return max(0.0, row.window_started + LOGIN_WINDOW_SECONDS - now)
+
+
+def record_login_failure(store: Store, name: str, now: float | None = None) -> int:
+    """Count a wrong password for ``name``; returns the failures in the current window."""
+    now = time.time() if now is None else now
+    with store.session() as session:
+        row = session.get(LoginFailures, name)
+        if row is None:
+            row = LoginFailures(name=name, failures=0, window_started=now)
+            session.add(row)
+        elif now - row.window_started >= LOGIN_WINDOW_SECONDS:
+            row.failures, row.window_started = 0, now
+        row.failures += 1
+        failures = row.failures
+    if failures >= MAX_FAILED_LOGINS:
+        logger.warning("user %s: sign-in locked after %d failed attempts", name, failures)
+    return failures
+
+
+def clear_login_failures(store: Store, name: str) -> None:
+    with store.session() as session:
+        session.execute(delete(LoginFailures).where(LoginFailures.name == name))
+
+
+def authenticate(store: Store, name: str, password: str) -> User:
+    """The user if ``password`` is right and the account may sign in; else Forbidden.
+
+    A wrong name and a wrong password give the same message. Locked and disabled
+    accounts are refused before the password is checked.
+    """
+    name = name.strip().lower()
+    remaining = login_lock_remaining(store, name)
+    if remaining > 0:
+        raise Forbidden(f"too many failed sign-ins; try again in {_minutes(remaining)}")
+    with store.session() as session:
+        user = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
+    if user is None or not check_password(password, user.password_hash):
+        record_login_failure(store, name)
+        raise Forbidden("wrong user name or password")
+    if user.disabled:
+        raise Forbidden(f"the account {name!r} is disabled")
+    clear_login_failures(store, name)
+    return user
+
+
+def signed_in_user(store: Store, name: str) -> User:
+    """The account behind a session or cookie, refused if it was disabled meanwhile."""
+    with store.session() as session:
+        user = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
+    if user is None:
+        raise Forbidden("this account no longer exists; sign in again")
+    if user.disabled:
+        raise Forbidden(f"the account {name!r} is disabled")
+    return user
+
+
+def login_credentials(store: Store, now: float | None = None) -> dict:
+    """Accounts that may sign in, in streamlit-authenticator's ``credentials`` shape.
+
+    Disabled accounts and accounts without a password are left out. A locked account
+    carries ``failed_login_attempts = MAX_FAILED_LOGINS``, so the form refuses it
+    when called with ``max_login_attempts=MAX_FAILED_LOGINS``.
+    """
+    now = time.time() if now is None else now
+    with store.session() as session:
+        users = session.execute(
+            select(User).where(User.disabled.is_(False), User.password_hash != "")).scalars().all()
+        failures = {row.name: row for row in session.execute(select(LoginFailures)).scalars()}
+    usernames = {}
+    for user in users:
+        row = failures.get(user.name)
+        locked = (row is not None and row.failures >= MAX_FAILED_LOGINS
+                  and now - row.window_started < LOGIN_WINDOW_SECONDS)
+        usernames[user.name] = {
+            "email": user.email, "name": user.name, "password": user.password_hash,
+            "roles": sorted(user.role_set),
+            "failed_login_attempts": MAX_FAILED_LOGINS if locked else 0,
+        }
+    return {"usernames": usernames}
+
+
+def _minutes(seconds: float) -> str:
+    minutes = max(1, round(seconds / 60))
+    return f"{minutes} minute" + ("" if minutes == 1 else "s")
+
+
+def cookie_key(settings: Settings, configured: str | None = None) -> str:
+    """The key that signs sign-in cookies: ``configured`` (from secrets.toml) if given,
+    else one generated once into ``<data_dir>/secrets/cookie_key`` (mode 0600)."""
+    if configured:
+        return configured
+    path = settings.data_path / "secrets" / "cookie_key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process created it first; use theirs
+        else:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+# -- authorisation ---------------------------------------------------------------------
+
+
 def is_admin(user: User) -> bool:
     return Role.ADMIN.value in user.role_set
+
+
+def has_role(user: User | None, *roles: Role) -> bool:
+    """Whether ``user`` is signed in, enabled and holds one of ``roles`` (admins hold all)."""
+    try:
+        require_role(user, *roles)
+    except Forbidden:
+        return False
+    return True
 
 
 def require_role(user: User | None, *roles: Role) -> User:
