@@ -1,0 +1,173 @@
+"""Reading a project's results a page at a time, for the portal.
+
+Nothing here loads a whole result set: a page reads the one or two dataset chunks and
+the task rows of its row range by primary key, and the failed-rows view pages with a
+key (the last row index shown) over the ``(project_id, status, row_index)`` index, so
+page 1,000 costs what page 1 costs. Downloads stream through ``engine.export``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, text
+
+from engine.accounts import visible_project
+from engine.models import DatasetChunk, Task
+from engine.projects import CHUNK_ROWS
+from engine.status import TaskStatus
+from engine.store import Store
+
+logger = logging.getLogger(__name__)
+
+MAX_PAGE_ROWS = 1000
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    row: int
+    values: dict[str, Any]
+    status: str
+    output: Any
+    error: str | None
+
+
+@dataclass(frozen=True)
+class ResultsPage:
+    """One page of results. ``next_after`` is the key of the next failed-rows page, if any."""
+
+    columns: list[str]
+    rows: list[ResultRow]
+    total: int
+    next_after: int | None
+
+
+@dataclass(frozen=True)
+class ErrorGroup:
+    """Failed rows that raised the same exception type, with one example."""
+
+    kind: str
+    count: int
+    example_row: int
+    example_error: str
+    example_traceback: str | None
+
+
+def results_page(store: Store, actor, project_id: int, *, start: int = 0,
+                 limit: int = 100) -> ResultsPage:
+    """Rows ``start`` to ``start + limit - 1`` in dataset order, with their results."""
+    limit = max(1, min(int(limit), MAX_PAGE_ROWS))
+    start = max(0, int(start))
+    with store.session() as session:
+        project = visible_project(session, actor, project_id)
+        columns = json.loads(project.columns_json)
+        end = min(start + limit, project.rows_total)
+        tasks = {t.row_index: t for t in session.execute(
+            select(Task.row_index, Task.status, Task.output, Task.error)
+            .where(Task.project_id == project_id, Task.row_index >= start,
+                   Task.row_index < end)).all()}
+        inputs = _inputs(session, project_id, range(start, end))
+        return ResultsPage(columns=columns, total=project.rows_total, next_after=None,
+                           rows=[_row(i, columns, inputs.get(i), tasks.get(i))
+                                 for i in range(start, end)])
+
+
+def failed_page(store: Store, actor, project_id: int, *, after: int = -1,
+                limit: int = 100) -> ResultsPage:
+    """Failed rows with an index above ``after``, in dataset order (keyset paging)."""
+    limit = max(1, min(int(limit), MAX_PAGE_ROWS))
+    with store.session() as session:
+        project = visible_project(session, actor, project_id)
+        columns = json.loads(project.columns_json)
+        tasks = session.execute(
+            select(Task.row_index, Task.status, Task.output, Task.error)
+            .where(Task.project_id == project_id, Task.status == TaskStatus.FAILED.value,
+                   Task.row_index > after)
+            .order_by(Task.row_index).limit(limit + 1)).all()
+        more = len(tasks) > limit
+        tasks = tasks[:limit]
+        inputs = _inputs(session, project_id, [t.row_index for t in tasks])
+        return ResultsPage(
+            columns=columns, total=project.rows_failed,
+            next_after=tasks[-1].row_index if more else None,
+            rows=[_row(t.row_index, columns, inputs.get(t.row_index), t) for t in tasks])
+
+
+def error_groups(store: Store, actor, project_id: int) -> list[ErrorGroup]:
+    """Failed rows grouped by exception type, most frequent first, with one example each."""
+    with store.session() as session:
+        visible_project(session, actor, project_id)
+        # The type is the error text before its first colon ("ValueError: ...").
+        groups = session.execute(text(
+            "SELECT CASE WHEN instr(error, ':') > 0 THEN substr(error, 1, instr(error, ':') - 1) "
+            "ELSE error END AS kind, count(*) AS n, min(row_index) AS first "
+            "FROM tasks WHERE project_id = :p AND status = 'failed' "
+            "GROUP BY kind ORDER BY n DESC, first"), {"p": project_id}).all()
+        result = []
+        for kind, count, first in groups:
+            example = session.get(Task, (project_id, first))
+            result.append(ErrorGroup(kind=kind or "(no message)", count=count, example_row=first,
+                                     example_error=example.error or "",
+                                     example_traceback=example.traceback))
+        return result
+
+
+@dataclass(frozen=True)
+class NodeContribution:
+    """The work one node has stored results for (from the tasks table)."""
+
+    node_id: str
+    tasks: int
+    cpu_seconds: float
+    last_active: float
+
+
+def node_contributions(store: Store, since: float | None = None) -> list[NodeContribution]:
+    """Tasks and CPU time per node, most tasks first; ``since`` limits to recent results.
+
+    Public (the leaderboard is open to everyone) and free of project details.
+    """
+    query = (select(Task.node_id, func.count(), func.sum(Task.cpu_seconds),
+                    func.max(Task.finished_at))
+             .where(Task.node_id.is_not(None)).group_by(Task.node_id)
+             .order_by(func.count().desc()))
+    if since is not None:
+        query = query.where(Task.finished_at >= since)
+    with store.session() as session:
+        return [NodeContribution(node, count, float(cpu or 0.0), float(last))
+                for node, count, cpu, last in session.execute(query)]
+
+
+def window_start(window: str, now: float | None = None) -> float | None:
+    """The start time of a leaderboard window: ``24h``, ``7d`` or ``all`` (None)."""
+    now = time.time() if now is None else now
+    return {"24h": now - 86400, "7d": now - 7 * 86400, "all": None}[window]
+
+
+def _inputs(session, project_id: int, indices) -> dict[int, list]:
+    wanted = sorted(set(indices))
+    if not wanted:
+        return {}
+    chunk_ids = sorted({i // CHUNK_ROWS for i in wanted})
+    found: dict[int, list] = {}
+    for start, payload in session.execute(
+            select(DatasetChunk.start_row, DatasetChunk.payload)
+            .where(DatasetChunk.project_id == project_id,
+                   DatasetChunk.chunk_index.in_(chunk_ids))):
+        rows = json.loads(payload)
+        for i in wanted:
+            if start <= i < start + len(rows):
+                found[i] = rows[i - start]
+    return found
+
+
+def _row(index: int, columns: list[str], values: list | None, task) -> ResultRow:
+    as_dict = dict(zip(columns, values or []))
+    if task is None:
+        return ResultRow(index, as_dict, TaskStatus.PENDING.value, None, None)
+    output = json.loads(task.output) if task.output is not None else None
+    return ResultRow(index, as_dict, task.status, output, task.error)
