@@ -35,5 +35,13 @@ system-deps:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
+# The full benchmark (several minutes); writes bench/results/latest.json and latest.png.
+bench: install
+	$(BIN)/python -m bench
+
+# A tiny run (under 60 s) that only checks the benchmark works; `make test` runs it too.
+bench-smoke: install
+	$(BIN)/python -m bench --smoke --output test-artifacts/bench
+
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts

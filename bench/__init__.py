@@ -1,0 +1,1 @@
+"""Constellation benchmark: run with `make bench` (or `python -m bench --smoke`)."""

@@ -1,0 +1,2 @@
+def main(row):
+    return row["x"] ** 2
