@@ -78,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     user_disable = user_commands.add_parser("disable", help="stop an account from signing in")
     user_disable.add_argument("name")
 
+    join = commands.add_parser("join-command", help="the command that joins a machine as VOLUNTEER's node")
+    join.add_argument("volunteer")
+    node_list = commands.add_parser("nodes", help="the node registry")
+    node_list.add_argument("--json", action="store_true")
+    board = commands.add_parser("leaderboard", help="volunteers ranked by credit")
+    board.add_argument("--window", choices=["24h", "7d", "all"], default="all")
+    board.add_argument("--json", action="store_true")
+
     commands.add_parser("init", help="create the database and the cluster token")
     commands.add_parser("dispatcher", help="run the dispatcher in the foreground")
     serve = commands.add_parser("serve", help="run the Ray head, the dispatcher and the portal (make run)")
@@ -227,6 +235,42 @@ def _user(args, settings: Settings) -> int:
     return 0
 
 
+def _join_command(args, settings: Settings) -> int:
+    from engine import nodes
+
+    print(nodes.join_command(Store(settings), settings, args.volunteer))
+    return 0
+
+
+def _nodes(args, settings: Settings) -> int:
+    from engine import credit, nodes
+
+    store = Store(settings)
+    credit.refresh(store)  # the dispatcher may not be running to keep the counts fresh
+    views = nodes.list_nodes(store)
+    if args.json:
+        print(json.dumps([v.to_dict() for v in views]))
+    else:
+        for v in views:
+            print(f"{v.node_id[:12]}\t{v.status}\t{v.attribution}\t{v.cpus:g} CPUs\t"
+                  f"{v.tasks_completed} tasks\t{v.host}")
+    return 0
+
+
+def _leaderboard(args, settings: Settings) -> int:
+    from engine import credit
+
+    store = Store(settings)
+    credit.refresh(store)
+    rows = credit.leaderboard(store, args.window)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows]))
+    else:
+        for r in rows:
+            print(f"{r.rank}\t{r.volunteer}\t{r.credit:.1f}\t{r.tasks} tasks\t{r.nodes} nodes")
+    return 0
+
+
 def _init(args, settings: Settings) -> int:
     store = Store(settings)
     cluster.cluster_token(settings)
@@ -259,4 +303,5 @@ def _serve(args, settings: Settings) -> int:
 _COMMANDS = {"submit": _submit, "status": _status, "results": _results, "cancel": _cancel,
              "list": _list, "init": _init, "rerun-failed": _rerun_failed, "backup": _backup,
              "user": _user,
+             "join-command": _join_command, "nodes": _nodes, "leaderboard": _leaderboard,
              "dispatcher": _dispatcher, "serve": _serve}

@@ -50,6 +50,8 @@ SETTINGS: tuple[Setting, ...] = (
             "CPUs the local Ray head offers. Empty means all of the machine's CPUs."),
     Setting("head_host", "", str,
             "Address volunteers use to reach the head. Empty means the machine's primary address."),
+    Setting("allow_unclaimed_nodes", False, _bool,
+            "Whether nodes whose volunteer signature does not verify may run work (they never earn credit)."),
     Setting("portal_port", 8501, int, "Port of the Streamlit portal."),
     Setting("batch_size", 1000, int, "Rows per batch sent to a node in one Ray call."),
     Setting("row_timeout", 60.0, float, "Seconds one row may run before it fails."),
@@ -80,6 +82,7 @@ class Settings:
     ray_port: int = 6380
     ray_num_cpus: int | None = None
     head_host: str = ""
+    allow_unclaimed_nodes: bool = False
     portal_port: int = 8501
     batch_size: int = 1000
     row_timeout: float = 60.0

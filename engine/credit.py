@@ -1,0 +1,220 @@
+"""Credit: the rule, written once, and the leaderboard.
+
+The rule (shown on the Leaderboard page as ``CREDIT_RULE``): every accepted task earns the
+same credit whichever node ran it, namely its project's median measured CPU seconds per
+accepted task. Until results are verified by replication, "accepted" means "succeeded".
+
+Reading a million tasks for every leaderboard view would be far too slow, so two small
+tables are derived from ``tasks`` by ``refresh`` (the dispatcher calls it through
+``nodes.sync_registry`` every few seconds; the CLI calls it before printing):
+
+- ``credit_rollup``: per project, node and hour, the tasks a node completed, the ones it
+  earns for, their CPU seconds and its last finish time;
+- ``credit_projects``: per project, the median CPU seconds per accepted task, and the
+  project's counters when it was last summed, so that an unchanged project is skipped.
+
+A project is summed again only when its counters changed, and a running one at most every
+``max(2 s, 20 x the last summing time)``, which keeps refreshing under 5 % of the
+dispatcher's time even for a million-row project. The leaderboard's 24 h and 7 d windows
+count whole hours: "24 h" covers the current hour and the 24 before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import Float, Index, Integer, String, delete, func, select, text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from engine.errors import InvalidRequest
+from engine.models import Base, Project
+from engine.nodes import HEAD, Node
+from engine.status import ProjectStatus
+from engine.store import Store
+
+logger = logging.getLogger(__name__)
+
+CREDIT_RULE = (
+    "Every accepted task earns the same credit, whichever machine ran it: its project's "
+    "median measured CPU seconds per task. A task is accepted when it succeeded (once "
+    "results are verified by replication: when it is verified). A faster machine finishes "
+    "more tasks per hour and so earns more per hour; a machine cannot earn more by being "
+    "slow or by reporting longer times, because its own times are only a few of the many "
+    "that make the median. The head's own work and unclaimed machines (whose signature "
+    "does not verify) earn nothing. Windows count whole hours: 24 h is the current hour "
+    "and the 24 before it."
+)
+
+WINDOWS = {"24h": 24, "7d": 7 * 24, "all": None}
+
+_MIN_REFRESH_SECONDS = 2.0
+_REFRESH_COST_FACTOR = 20.0
+
+
+class CreditRollup(Base):
+    """Per project, node and hour: what the node completed and what it earns for."""
+
+    __tablename__ = "credit_rollup"
+    __table_args__ = (
+        Index("ix_credit_rollup_hour", "hour", "node_id", "project_id", "accepted"),
+        Index("ix_credit_rollup_node", "node_id", "completed", "last_finished"),
+        {"sqlite_with_rowid": False},
+    )
+
+    project_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hour: Mapped[int] = mapped_column(Integer, primary_key=True)   # UNIX time // 3600
+    completed: Mapped[int] = mapped_column(Integer)      # every stored task, whatever its status
+    accepted: Mapped[int] = mapped_column(Integer)       # accepted, and not after a revocation
+    cpu_seconds: Mapped[float] = mapped_column(Float)    # measured CPU time of the accepted ones
+    last_finished: Mapped[float] = mapped_column(Float)
+
+
+class ProjectCredit(Base):
+    """A project's median CPU seconds per accepted task, and the counters it was summed at."""
+
+    __tablename__ = "credit_projects"
+
+    project_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    median_cpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    accepted: Mapped[int] = mapped_column(Integer, default=0)
+    snapshot: Mapped[str] = mapped_column(String(80), default="")
+    refreshed_at: Mapped[float] = mapped_column(Float, default=0.0)
+    refresh_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+def _accepted_sql(alias: str = "t") -> str:
+    # The one definition of "accepted" in SQL; the verification issue changes it here.
+    return f"{alias}.status = 'succeeded'"
+
+
+_ROLLUP = text(f"""
+    INSERT INTO credit_rollup (project_id, node_id, hour, completed, accepted, cpu_seconds,
+                               last_finished)
+    SELECT t.project_id, t.node_id, CAST(t.finished_at / 3600 AS INTEGER) AS hour, COUNT(*),
+           SUM(CASE WHEN {_accepted_sql()} AND (n.revoked_at IS NULL OR t.finished_at < n.revoked_at)
+                    THEN 1 ELSE 0 END),
+           SUM(CASE WHEN {_accepted_sql()} AND (n.revoked_at IS NULL OR t.finished_at < n.revoked_at)
+                    THEN t.cpu_seconds ELSE 0 END),
+           MAX(t.finished_at)
+    FROM tasks AS t LEFT JOIN nodes AS n ON n.node_id = t.node_id
+    WHERE t.project_id = :p AND t.node_id IS NOT NULL
+    GROUP BY t.node_id, hour
+""")
+
+
+def project_median(session, project_id: int) -> tuple[float, int]:
+    """(median CPU seconds per accepted task, accepted tasks) of one project, from ``tasks``."""
+    count = session.execute(text(
+        f"SELECT COUNT(*) FROM tasks AS t WHERE t.project_id = :p AND {_accepted_sql()}"),
+        {"p": project_id}).scalar_one()
+    if count == 0:
+        return 0.0, 0
+    middle = session.execute(text(
+        f"SELECT t.cpu_seconds FROM tasks AS t WHERE t.project_id = :p AND {_accepted_sql()} "
+        f"ORDER BY t.cpu_seconds LIMIT :n OFFSET :k"),
+        {"p": project_id, "n": 2 - count % 2, "k": (count - 1) // 2}).scalars().all()
+    return sum(middle) / len(middle), count
+
+
+def refresh(store: Store, *, force: bool = False) -> int:
+    """Bring the credit tables up to date with ``tasks``; returns how many projects were summed."""
+    now = time.time()
+    with store.session() as session:
+        projects = session.execute(select(
+            Project.id, Project.status, Project.rows_succeeded, Project.rows_failed,
+            Project.attempt)).all()
+        cached = {c.project_id: c for c in session.execute(select(ProjectCredit)).scalars()}
+    summed = 0
+    for pid, status, succeeded, failed, attempt in projects:
+        snapshot = f"{status}:{succeeded}:{failed}:{attempt}"
+        entry = cached.get(pid)
+        if entry is not None and not force:
+            if entry.snapshot == snapshot:
+                continue
+            running = not ProjectStatus(status).is_terminal()
+            wait = max(_MIN_REFRESH_SECONDS, _REFRESH_COST_FACTOR * entry.refresh_seconds)
+            if running and now - entry.refreshed_at < wait:
+                continue
+        _sum_project(store, pid, snapshot)
+        summed += 1
+    return summed
+
+
+def _sum_project(store: Store, project_id: int, snapshot: str) -> None:
+    started = time.perf_counter()
+    with store.session() as session:
+        median, accepted = project_median(session, project_id)
+        session.execute(delete(CreditRollup).where(CreditRollup.project_id == project_id))
+        session.execute(_ROLLUP, {"p": project_id})
+        entry = session.get(ProjectCredit, project_id) or ProjectCredit(project_id=project_id)
+        entry.median_cpu_seconds, entry.accepted, entry.snapshot = median, accepted, snapshot
+        entry.refreshed_at = time.time()
+        entry.refresh_seconds = time.perf_counter() - started
+        session.merge(entry)
+    logger.debug("project %s: credit summed (%d accepted, median %.4f s) in %.3f s",
+                 project_id, accepted, median, time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class LeaderboardRow:
+    """One row of ``leaderboard --json`` and the Leaderboard page."""
+
+    rank: int
+    volunteer: str
+    credit: float
+    tasks: int
+    cpu_seconds: float
+    nodes: int
+    last_active: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_LEADERBOARD = text(f"""
+    SELECT n.volunteer, SUM(r.accepted), SUM(r.accepted * c.median_cpu_seconds),
+           SUM(r.cpu_seconds), COUNT(DISTINCT r.node_id), MAX(r.last_finished)
+    FROM credit_rollup AS r
+    JOIN nodes AS n ON n.node_id = r.node_id
+    JOIN credit_projects AS c ON c.project_id = r.project_id
+    WHERE r.hour >= :since AND r.accepted > 0 AND n.volunteer IS NOT NULL AND n.role != '{HEAD}'
+    GROUP BY n.volunteer
+""")
+
+
+def leaderboard(store: Store, window: str = "all") -> list[LeaderboardRow]:
+    """Volunteers ranked by credit in ``window`` ("24h", "7d" or "all"); ties share a rank.
+
+    Reads only the credit tables: call ``refresh`` first when no dispatcher keeps them fresh.
+    """
+    if window not in WINDOWS:
+        raise InvalidRequest(f"unknown window {window!r}; use one of {', '.join(WINDOWS)}")
+    hours = WINDOWS[window]
+    since = 0 if hours is None else int(time.time() // 3600) - hours
+    with store.session() as session:
+        rows = session.execute(_LEADERBOARD, {"since": since}).all()
+    rows = sorted(rows, key=lambda r: (-r[2], r[0]))
+    board: list[LeaderboardRow] = []
+    for position, (volunteer, tasks, credit, cpu, nodes, last) in enumerate(rows, start=1):
+        rank = board[-1].rank if board and round(board[-1].credit, 9) == round(credit, 9) else position
+        board.append(LeaderboardRow(
+            rank=rank, volunteer=volunteer, credit=round(credit, 6), tasks=int(tasks),
+            cpu_seconds=round(cpu, 6), nodes=int(nodes),
+            last_active=datetime.fromtimestamp(last, timezone.utc).isoformat(timespec="seconds")))
+    return board
+
+
+def node_activity(store: Store, node_ids: list[str]) -> dict[str, tuple[int, float | None]]:
+    """node id -> (tasks completed, last finish time), from the credit tables."""
+    if not node_ids:
+        return {}
+    with store.session() as session:
+        rows = session.execute(
+            select(CreditRollup.node_id, func.sum(CreditRollup.completed),
+                   func.max(CreditRollup.last_finished))
+            .where(CreditRollup.node_id.in_(node_ids)).group_by(CreditRollup.node_id)).all()
+    return {node_id: (int(completed), last) for node_id, completed, last in rows}

@@ -1,0 +1,398 @@
+"""Nodes: the join command a volunteer copies, and the registry of the cluster's nodes.
+
+A volunteer joins by running one shell command. It carries the cluster token (Ray 2.60
+needs ``RAY_AUTH_MODE=token`` with it) and two node labels: the volunteer's name and a
+signature, an HMAC-SHA256 of that name under a server secret that never leaves the data
+directory. Anyone holding the token can start a node with any labels, so a node counts as
+the volunteer's only when its signature verifies; otherwise it is "unclaimed", earns
+nothing, and runs work only if the admin allows it (``allow_unclaimed_nodes``).
+
+Each volunteer's signature has a generation. Rotating it bumps the generation: nodes
+started with the old signature stop earning from that moment (tasks they finished before
+still count) and must join again with the new command.
+
+The registry is a copy of ``ray.nodes()`` kept in the store by ``sync_registry`` (the
+dispatcher calls it every few seconds), so the portal can list nodes without being a Ray
+driver, and nodes that left stay listed, offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import Boolean, Float, Index, Integer, String, select, update
+from sqlalchemy.orm import Mapped, mapped_column
+
+from engine import cluster
+from engine.accounts import Role, is_admin, require_role
+from engine.errors import NotFound
+from engine.models import Base, User
+from engine.settings import Settings
+from engine.store import Store
+
+logger = logging.getLogger(__name__)
+
+VOLUNTEER_LABEL = "constellation-volunteer"
+SIGNATURE_LABEL = "constellation-signature"
+ROLE_LABEL = "constellation-role"          # "head" on the head (engine.cluster.LocalHead)
+NODE_ID_LABEL = "ray.io/node-id"           # set by Ray on every node
+
+HEAD = "head"
+VOLUNTEER = "volunteer"
+UNCLAIMED = "unclaimed"
+
+# Ray label values are at most 63 characters, alphanumeric at both ends. 40 hex digits
+# (160 bits) of the HMAC fit beside the generation number.
+_SIGNATURE_HEX = 40
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
+# User names never contain a dot, so "u.<id>" can stand for a name that is not a valid label.
+_USER_ID_LABEL = re.compile(r"u\.(\d+)")
+
+
+class Node(Base):
+    """One Ray node the cluster has seen: the head, a volunteer's machine, or an unclaimed one."""
+
+    __tablename__ = "nodes"
+    __table_args__ = (Index("ix_nodes_volunteer", "volunteer"),)
+
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # "head", "volunteer" (labels verify, or verified once before a rotation) or "unclaimed".
+    role: Mapped[str] = mapped_column(String(16), default=UNCLAIMED)
+    # The verified owner. Kept after a rotation, so that earlier tasks keep their credit.
+    volunteer: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Whether the signature verifies now; false for the head and unclaimed nodes.
+    claimed: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The name the labels claim, verified or not (shown to admins).
+    label_volunteer: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # When the node's signature stopped verifying (rotation, account disabled): the node
+    # earns nothing for tasks finished after this, and stays unclaimed until it re-joins.
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    host: Mapped[str] = mapped_column(String(255), default="")
+    hostname: Mapped[str] = mapped_column(String(255), default="")
+    cpus: Mapped[float] = mapped_column(Float, default=0.0)
+    memory_bytes: Mapped[float] = mapped_column(Float, default=0.0)
+    python_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    ray_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # Filled in by the sandbox check (security issue); "unknown" until then.
+    sandbox: Mapped[str] = mapped_column(String(32), default="unknown")
+    first_seen: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)
+    online: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class VolunteerKey(Base):
+    """A volunteer's signature generation; rotating bumps it and voids older signatures."""
+
+    __tablename__ = "volunteer_keys"
+
+    volunteer: Mapped[str] = mapped_column(String(64), primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    rotated_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+# -- the server secret and signatures ----------------------------------------------------
+
+
+def _server_secret(settings: Settings) -> bytes:
+    """The HMAC key, created on first use in the data directory (mode 0600, never logged)."""
+    path = settings.data_path / "secrets" / "volunteer_signing_key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process created it first; use theirs
+        else:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))
+            logger.info("nodes: created the volunteer signing key in %s", path.parent)
+    return bytes.fromhex(path.read_text().strip())
+
+
+def signature(settings: Settings, volunteer: str, generation: int) -> str:
+    """The label value that proves a node belongs to ``volunteer``: ``<generation>-<hmac>``."""
+    mac = hmac.new(_server_secret(settings), f"{volunteer}\n{generation}".encode(), hashlib.sha256)
+    return f"{generation}-{mac.hexdigest()[:_SIGNATURE_HEX]}"
+
+
+def _label_for(user: User) -> str:
+    return user.name if _LABEL_VALUE.fullmatch(user.name) else f"u.{user.id}"
+
+
+def _may_volunteer(user: User | None) -> bool:
+    return (user is not None and not user.disabled
+            and (Role.VOLUNTEER.value in user.role_set or is_admin(user)))
+
+
+def _volunteer(session, name: str) -> User:
+    user = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
+    if not _may_volunteer(user):
+        # Same message for "no such user" and "not a volunteer": names are not probed this way.
+        raise NotFound(f"no volunteer named {name!r}")
+    return user
+
+
+def _generation(session, name: str) -> int:
+    key = session.get(VolunteerKey, name)
+    if key is None:
+        key = VolunteerKey(volunteer=name, generation=1)
+        session.add(key)
+        session.flush()
+    return key.generation
+
+
+# -- the join command --------------------------------------------------------------------
+
+
+def join_command(store: Store, settings: Settings, volunteer_name: str) -> str:
+    """The one shell command that joins a machine to the cluster as ``volunteer_name``'s node.
+
+    It ends with the ``ray start`` invocation, so options such as ``--num-cpus=2`` can be
+    appended. Raises NotFound unless the user exists, is enabled and may volunteer.
+    """
+    with store.session() as session:
+        user = _volunteer(session, volunteer_name)
+        generation = _generation(session, user.name)
+        label = _label_for(user)
+    labels = f"{VOLUNTEER_LABEL}={label},{SIGNATURE_LABEL}={signature(settings, user.name, generation)}"
+    env = {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": cluster.cluster_token(settings),
+        # Ray demands the head's exact Python patch release by default; the minor version
+        # is what matters for pickled code, and volunteers cannot be asked to match patches.
+        "RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL": "minor",
+    }
+    words = [f"{k}={shlex.quote(v)}" for k, v in env.items()]
+    words += ["ray", "start", f"--address={shlex.quote(cluster.head_address(settings))}",
+              f"--labels={shlex.quote(labels)}", "--disable-usage-stats"]
+    return " ".join(words)
+
+
+def python_minor() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def install_instructions(settings: Settings) -> str:
+    """What a volunteer installs and needs to know, as Markdown (the Join page and README)."""
+    import ray
+
+    return (
+        f"1. Install **Python {python_minor()}** (any {python_minor()}.x; the head runs "
+        f"{sys.version.split()[0]}) and, in that Python, **Ray {ray.__version__}** exactly:\n"
+        f"   `python{python_minor()} -m pip install 'ray=={ray.__version__}'`\n"
+        f"2. Install the sandbox that isolates research code: `sudo apt install bubblewrap` "
+        f"(Debian/Ubuntu).\n"
+        f"3. Run the command below in a shell where `ray` is that Ray. It joins this machine "
+        f"to the cluster at {cluster.head_address(settings)}; append `--num-cpus=N` to give "
+        f"at most N CPUs.\n"
+        f"4. To stop contributing, run `ray stop` on your machine.\n"
+        f"5. If the head restarts, your node leaves after about a minute: run the same "
+        f"command again to re-join.\n\n"
+        f"The command contains the cluster's secret token and your signature: do not share "
+        f"it. If it leaks, rotate your signature (the old one stops earning)."
+    )
+
+
+def rotate_signature(store: Store, volunteer_name: str) -> int:
+    """Void ``volunteer_name``'s current signature; returns the new generation.
+
+    Their nodes stop earning at once and are unclaimed until they join with the new command.
+    """
+    now = time.time()
+    with store.session() as session:
+        user = _volunteer(session, volunteer_name)
+        generation = _generation(session, user.name) + 1
+        session.execute(update(VolunteerKey).where(VolunteerKey.volunteer == user.name)
+                        .values(generation=generation, rotated_at=now))
+        session.execute(update(Node).where(Node.volunteer == user.name, Node.claimed.is_(True))
+                        .values(claimed=False, revoked_at=now))
+    logger.info("volunteer %s: signature rotated to generation %d", volunteer_name, generation)
+    return generation
+
+
+# -- the registry ------------------------------------------------------------------------
+
+
+def _verify(settings: Settings, labels: dict, users_by_name: dict, users_by_id: dict,
+            generations: dict) -> tuple[str | None, str | None]:
+    """(verified owner or None, the name the labels claim or None)."""
+    label = labels.get(VOLUNTEER_LABEL)
+    if not label:
+        return None, None
+    match = _USER_ID_LABEL.fullmatch(label)
+    user = users_by_id.get(int(match.group(1))) if match else users_by_name.get(label)
+    claimed_name = user.name if user is not None else label
+    given = labels.get(SIGNATURE_LABEL, "")
+    if not _may_volunteer(user) or user.name not in generations:
+        return None, claimed_name
+    expected = signature(settings, user.name, generations[user.name])
+    if hmac.compare_digest(given.encode(), expected.encode()):
+        return user.name, claimed_name
+    return None, claimed_name
+
+
+def _is_head(ray_node: dict) -> bool:
+    return ((ray_node.get("Labels") or {}).get(ROLE_LABEL) == HEAD
+            or "node:__internal_head__" in (ray_node.get("Resources") or {}))
+
+
+def sync_registry(store: Store, settings: Settings, ray_nodes: list[dict]) -> None:
+    """Bring the registry in line with ``ray.nodes()`` and the credit tables with the tasks.
+
+    Verifies each node's signature (so a rotation takes effect here too), marks nodes
+    online or offline, and records first and last seen. Nodes missing from ``ray_nodes``
+    (the head restarted and forgot them) are offline.
+    """
+    import ray
+
+    from engine import credit
+
+    now = time.time()
+    seen: set[str] = set()
+    with store.session() as session:
+        users = session.execute(select(User)).scalars().all()
+        users_by_name = {u.name: u for u in users}
+        users_by_id = {u.id: u for u in users}
+        generations = dict(session.execute(select(VolunteerKey.volunteer, VolunteerKey.generation)).all())
+        known = {n.node_id: n for n in session.execute(select(Node)).scalars()}
+        for ray_node in ray_nodes:
+            node_id = ray_node["NodeID"]
+            seen.add(node_id)
+            alive = bool(ray_node.get("Alive"))
+            labels = ray_node.get("Labels") or {}
+            resources = ray_node.get("Resources") or {}
+            node = known.get(node_id)
+            if node is None:
+                node = Node(node_id=node_id, first_seen=now, last_seen=now,
+                            # Ray refuses a node whose Ray or Python minor version differs
+                            # from the head's, so a node that joined runs these.
+                            python_version=python_minor(), ray_version=ray.__version__)
+                session.add(node)
+                known[node_id] = node
+            if alive:
+                node.last_seen = now
+                # A dead node's resources are reported empty; keep what it had.
+                node.cpus = float(resources.get("CPU", 0.0))
+                node.memory_bytes = float(resources.get("memory", 0.0))
+            node.online = alive
+            node.host = ray_node.get("NodeManagerAddress") or node.host or ""
+            node.hostname = ray_node.get("NodeManagerHostname") or node.hostname or ""
+            if _is_head(ray_node):
+                node.role, node.claimed, node.volunteer = HEAD, False, None
+                continue
+            owner, node.label_volunteer = _verify(settings, labels, users_by_name, users_by_id,
+                                                  generations)
+            _claim(node, owner, now)
+        for node in known.values():
+            if node.node_id not in seen and node.online:
+                node.online = False
+                logger.info("node %s: gone from the cluster", node.node_id[:12])
+    credit.refresh(store)
+
+
+def _claim(node: Node, owner: str | None, now: float) -> None:
+    if node.revoked_at is not None:
+        return  # a voided node stays unclaimed until it re-joins (as a new node)
+    if owner is not None and node.volunteer in (None, owner):
+        if not node.claimed:
+            logger.info("node %s: claimed by volunteer %s", node.node_id[:12], owner)
+        node.role, node.volunteer, node.claimed = VOLUNTEER, owner, True
+    elif node.volunteer is not None:
+        # It verified once and no longer does: the signature was rotated or the account
+        # disabled. Earlier tasks keep their credit; later ones earn nothing.
+        node.claimed, node.revoked_at = False, now
+        logger.warning("node %s: the signature of %s no longer verifies; it stops earning",
+                       node.node_id[:12], node.volunteer)
+    else:
+        if node.role != UNCLAIMED:
+            node.role = UNCLAIMED
+        node.claimed = False
+
+
+def excluded_node_ids(store: Store, settings: Settings) -> set[str]:
+    """Online nodes that must not run work: the unclaimed ones, unless the admin allows them."""
+    if settings.allow_unclaimed_nodes:
+        return set()
+    with store.session() as session:
+        return set(session.execute(select(Node.node_id).where(
+            Node.online.is_(True), Node.role != HEAD, Node.claimed.is_(False))).scalars())
+
+
+def label_selector(excluded: set[str] | frozenset[str]) -> dict[str, str] | None:
+    """A Ray ``label_selector`` that keeps a task off ``excluded`` nodes (None if empty).
+
+    It only excludes, so the task can run on any other node: it is never pinned to one.
+    """
+    if not excluded:
+        return None
+    return {NODE_ID_LABEL: f"!in({','.join(sorted(excluded))})"}
+
+
+# -- listings ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """One row of ``nodes --json``, the Join page and the admin's node list."""
+
+    node_id: str
+    volunteer: str | None       # the verified owner while the signature verifies, else None
+    claimed: bool
+    attribution: str            # "head", the volunteer's name, or "unclaimed"
+    label_volunteer: str | None  # the name the labels claim (verified or not)
+    status: str                 # "online" or "offline"
+    host: str
+    hostname: str
+    cpus: float
+    memory_bytes: float
+    python_version: str | None
+    ray_version: str | None
+    sandbox: str
+    first_seen: str
+    last_seen: str
+    tasks_completed: int
+    last_activity: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+def list_nodes(store: Store, actor: User | None = None) -> list[NodeView]:
+    """Nodes in the registry: all of them for an admin (or ``actor=None``, the operator's
+    CLI), only their own for a volunteer. Online first, then most recently seen."""
+    from engine import credit
+
+    with store.session() as session:
+        query = select(Node).order_by(Node.online.desc(), Node.last_seen.desc(), Node.node_id)
+        if actor is not None:
+            require_role(actor, Role.VOLUNTEER)
+            if not is_admin(actor):
+                query = query.where(Node.volunteer == actor.name)
+        nodes = session.execute(query).scalars().all()
+    activity = credit.node_activity(store, [n.node_id for n in nodes])
+    views = []
+    for n in nodes:
+        completed, last = activity.get(n.node_id, (0, None))
+        attribution = HEAD if n.role == HEAD else (n.volunteer if n.claimed else UNCLAIMED)
+        views.append(NodeView(
+            node_id=n.node_id, volunteer=n.volunteer if n.claimed else None, claimed=n.claimed,
+            attribution=attribution, label_volunteer=n.label_volunteer,
+            status="online" if n.online else "offline", host=n.host, hostname=n.hostname,
+            cpus=n.cpus, memory_bytes=n.memory_bytes, python_version=n.python_version,
+            ray_version=n.ray_version, sandbox=n.sandbox, first_seen=_iso(n.first_seen),
+            last_seen=_iso(n.last_seen), tasks_completed=completed, last_activity=_iso(last)))
+    return views
