@@ -69,10 +69,11 @@ def submit_project(store: Store, settings: Settings, actor: User, *, title: str,
     """Check and store a new project; returns its id. Raises before storing anything if invalid."""
     require_role(actor, Role.RESEARCHER)
     script, dataset = check_upload(settings, script_name, script_bytes, dataset_name, dataset_bytes)
-    batch_size = settings.batch_size if batch_size is None else int(batch_size)
+    if batch_size is not None and int(batch_size) < 1:
+        raise InvalidRequest("batch size must be at least 1 (or left empty for adaptive batching)")
+    # Stored as 0 when adaptive: the dispatcher sizes batches from measured row time.
+    batch_size = 0 if batch_size is None else int(batch_size)
     row_timeout = settings.row_timeout if row_timeout is None else float(row_timeout)
-    if batch_size < 1:
-        raise InvalidRequest("batch size must be at least 1")
     if not 0 < row_timeout <= 24 * 3600:
         raise InvalidRequest("row timeout must be between 0 and 86400 seconds")
     title = (title or script_name).strip()[:200]

@@ -35,6 +35,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from engine import cluster
+from engine.batching import BatchSizer
 from engine.executor import Limits
 from engine.models import DatasetChunk, DispatcherLease, Project, Task
 from engine.settings import Settings
@@ -66,8 +67,10 @@ def run_batch_on_node(source: Any, filename: str, columns: list[str], payload: b
     context = ray.get_runtime_context()
     limits = Limits(**{**limits.__dict__,
                        "hidden_paths": limits.hidden_paths + (context.get_temp_dir(),)})
+    started = time.perf_counter()
     outcome = executor.run_rows(source, filename, columns, pickle.loads(payload), limits)
-    return pickle.dumps((context.get_node_id(), outcome), protocol=pickle.HIGHEST_PROTOCOL)
+    seconds = time.perf_counter() - started
+    return pickle.dumps((context.get_node_id(), outcome, seconds), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 @dataclass
@@ -76,6 +79,11 @@ class _Batch:
     start: int
     end: int
     attempt: int = 1
+    copy: bool = False  # a speculative duplicate of a straggler at the tail
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.start, self.end)
 
 
 @dataclass
@@ -86,12 +94,18 @@ class _Run:
     owner_id: int
     filename: str
     columns: list[str]
-    batch_size: int
+    sizer: BatchSizer
     limits: Limits
+    rows_total: int
     source_ref: Any
     todo: deque = field(default_factory=deque)        # (start, end) ranges not yet dispatched
     inflight: dict = field(default_factory=dict)      # ObjectRef -> _Batch
     cannot_import: dict = field(default_factory=dict)  # node id -> the script's import error
+    duplicated: set = field(default_factory=set)      # batch keys already copied at the tail
+    finished: set = field(default_factory=set)        # batch keys whose results are stored
+
+    def remaining(self) -> int:
+        return sum(end - start for start, end in self.todo)
 
 
 class Dispatcher:
@@ -225,7 +239,10 @@ class Dispatcher:
             run = _Run(
                 project_id=project_id, owner_id=project.owner_id, filename=project.script_name,
                 columns=json.loads(project.columns_json),
-                batch_size=max(1, project.batch_size),
+                sizer=BatchSizer(fixed=project.batch_size or None,
+                                 initial=self.settings.batch_size,
+                                 target_seconds=self.settings.batch_seconds),
+                rows_total=project.rows_total,
                 limits=Limits(row_timeout=project.row_timeout,
                               memory_bytes=self.settings.memory_limit_mb << 20,
                               output_bytes=self.settings.output_limit_mb << 20,
@@ -241,8 +258,8 @@ class Dispatcher:
         if run.owner_id not in self._owner_cycle:
             self._owner_cycle.append(run.owner_id)
         remaining = sum(e - s for s, e in todo)
-        logger.info("project %s: dispatching %d rows in batches of %d", project_id, remaining,
-                    run.batch_size)
+        logger.info("project %s: dispatching %d rows (%s batches)", project_id, remaining,
+                    f"fixed {run.sizer.fixed}-row" if run.sizer.fixed else "adaptive")
 
     def _inflight_count(self) -> int:
         return sum(len(run.inflight) for run in self._runs.values())
@@ -266,15 +283,45 @@ class Dispatcher:
                     break
             if not dispatched:
                 break
+        if free > 0:
+            self._duplicate_stragglers(free)
         self._owner_cycle = deque(o for o in self._owner_cycle
                                   if any(r.owner_id == o for r in self._runs.values()))
 
+    def _duplicate_stragglers(self, free: int) -> None:
+        """With cores idle and 90% of a project done, run its in-flight batches a second time.
+
+        Whichever copy finishes first is stored (a row keeps its first result) and the
+        other is cancelled, so a slow or vanished node cannot hold back the end of a
+        project, and no row is counted or credited twice.
+        """
+        for run in self._runs.values():
+            if run.todo or not run.inflight:
+                continue
+            with self.store.session() as session:
+                project = session.get(Project, run.project_id)
+                done = project.rows_succeeded + project.rows_failed
+            if done < 0.9 * run.rows_total:
+                continue
+            for batch in sorted(run.inflight.values(), key=lambda b: b.start):
+                if free <= 0:
+                    return
+                if batch.copy or batch.key in run.duplicated:
+                    continue
+                run.duplicated.add(batch.key)
+                logger.info("project %s: duplicating straggler batch %d-%d on an idle core",
+                            run.project_id, batch.start, batch.end)
+                self._dispatch(run, _Batch(run.project_id, batch.start, batch.end, batch.attempt,
+                                           copy=True))
+                free -= 1
+
     def _next_range(self, run: _Run) -> tuple[int, int]:
         start, end = run.todo.popleft()
-        cut = min(end, start + run.batch_size)
+        cores = max(1, self._max_inflight // 2)
+        cut = start + run.sizer.next_size(run.remaining() + (end - start), cores)
         if cut < end:
             run.todo.appendleft((cut, end))
-        return start, cut
+        return start, min(cut, end)
 
     def _dispatch(self, run: _Run, batch: _Batch) -> None:
         rows = self._rows(run, batch.start, batch.end)
@@ -327,13 +374,24 @@ class Dispatcher:
         import ray
         from ray.exceptions import RayError, TaskCancelledError
 
+        if batch.key in run.finished:
+            return  # the other copy of a duplicated batch already delivered
         try:
-            node_id, outcome = pickle.loads(ray.get(ref))
+            node_id, outcome, seconds = pickle.loads(ray.get(ref))
         except TaskCancelledError:
             return
         except RayError as exc:
+            if any(b.key == batch.key for b in run.inflight.values()):
+                return  # its duplicate is still running and may yet deliver
             self._retry_or_fail(run, batch, exc)
             return
+        run.finished.add(batch.key)
+        for other, sibling in list(run.inflight.items()):
+            if sibling.key == batch.key:
+                ray.cancel(other, force=True)
+                del run.inflight[other]
+        if outcome.script_error is None:
+            run.sizer.observe(len(outcome.results), seconds)
         if outcome.script_error is not None:
             self._script_failed_on(run, batch, node_id, outcome)
             return

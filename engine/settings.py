@@ -53,7 +53,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("allow_unclaimed_nodes", False, _bool,
             "Whether nodes whose volunteer signature does not verify may run work (they never earn credit)."),
     Setting("portal_port", 8501, int, "Port of the Streamlit portal."),
-    Setting("batch_size", 1000, int, "Rows per batch sent to a node in one Ray call."),
+    Setting("batch_size", 1000, int,
+            "Rows in a project's first batches; later batches are sized from measured row "
+            "time, unless the project fixes its batch size."),
+    Setting("batch_seconds", 1.0, float, "Work per batch that adaptive batching aims at, in seconds."),
     Setting("row_timeout", 60.0, float, "Seconds one row may run before it fails."),
     Setting("max_upload_mb", 200, int, "Largest dataset upload, in MB (portal and engine)."),
     Setting("max_script_kb", 512, int, "Largest script upload, in KB."),
@@ -61,6 +64,19 @@ SETTINGS: tuple[Setting, ...] = (
             "How research code is isolated: 'bwrap' (bubblewrap) or 'none' (trusted test setups only)."),
     Setting("memory_limit_mb", 2048, int, "Address-space limit of the process running research code."),
     Setting("output_limit_mb", 10, int, "Largest JSON output of one row, in MB."),
+    Setting("file_limit_mb", 64, int,
+            "Largest file research code may write (in its private /tmp), in MB."),
+    Setting("open_files_limit", 256, int, "Files research code may have open at once."),
+    Setting("process_limit", 64, int,
+            "Processes and threads research code may run at once (stops fork bombs)."),
+    Setting("max_row_timeout", 3600.0, float,
+            "Admin maximum of a project's row timeout, in seconds."),
+    Setting("max_memory_limit_mb", 8192, int,
+            "Admin maximum of a project's memory limit, in MB."),
+    Setting("max_output_limit_mb", 100, int,
+            "Admin maximum of a project's per-row output limit, in MB."),
+    Setting("allow_unsandboxed", False, _bool,
+            "Whether a node where the sandbox does not work may run research code anyway (unsafe)."),
     Setting("max_batch_attempts", 3, int,
             "How often a batch whose worker or node died is dispatched again before its rows fail."),
     Setting("lease_seconds", 15.0, float,
@@ -85,12 +101,20 @@ class Settings:
     allow_unclaimed_nodes: bool = False
     portal_port: int = 8501
     batch_size: int = 1000
+    batch_seconds: float = 1.0
     row_timeout: float = 60.0
     max_upload_mb: int = 200
     max_script_kb: int = 512
     sandbox: str = "bwrap"
     memory_limit_mb: int = 2048
     output_limit_mb: int = 10
+    file_limit_mb: int = 64
+    open_files_limit: int = 256
+    process_limit: int = 64
+    max_row_timeout: float = 3600.0
+    max_memory_limit_mb: int = 8192
+    max_output_limit_mb: int = 100
+    allow_unsandboxed: bool = False
     max_batch_attempts: int = 3
     lease_seconds: float = 15.0
     systematic_failure_rows: int = 20
