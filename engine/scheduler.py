@@ -34,7 +34,7 @@ from typing import Any, Callable
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from engine import cluster
+from engine import cluster, nodes
 from engine.batching import BatchSizer
 from engine.executor import Limits
 from engine.models import DatasetChunk, DispatcherLease, Project, Task
@@ -45,8 +45,8 @@ from engine.store import Store
 logger = logging.getLogger(__name__)
 
 _REFRESH_SECONDS = 0.25
+_REGISTRY_SECONDS = 2.0
 _HEAD_LOST_SECONDS = 10.0
-_NODE_ID_LABEL = "ray.io/node-id"
 
 
 class LeaseLost(RuntimeError):
@@ -118,6 +118,8 @@ class Dispatcher:
         self._remote = None
         self._max_inflight = 4
         self._alive_nodes: set[str] = set()
+        self._excluded_nodes: set[str] = set()   # unclaimed nodes, unless the admin allows them
+        self._last_registry_sync = 0.0
         self._head_lost_since: float | None = None
         self._unstored: list[tuple[_Run, list[RowResult], str | None]] = []
         self.store_error: str = ""
@@ -207,9 +209,17 @@ class Dispatcher:
     def _refresh(self) -> None:
         import ray
 
-        self._max_inflight = max(2, int(ray.cluster_resources().get("CPU", 1)) * 2)
-        self._alive_nodes = {n["NodeID"] for n in ray.nodes()
+        ray_nodes = ray.nodes()
+        self._alive_nodes = {n["NodeID"] for n in ray_nodes
                              if n.get("Alive") and n.get("Resources", {}).get("CPU")}
+        if time.monotonic() - self._last_registry_sync > _REGISTRY_SECONDS:
+            nodes.sync_registry(self.store, self.settings, ray_nodes)
+            self._excluded_nodes = nodes.excluded_node_ids(self.store, self.settings)
+            self._last_registry_sync = time.monotonic()
+        usable = self._alive_nodes - self._excluded_nodes
+        cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in ray_nodes
+                   if n["NodeID"] in usable)
+        self._max_inflight = max(2, int(cpus) * 2)
         with self.store.session() as session:
             active = session.execute(
                 select(Project.id, Project.status).where(
@@ -327,10 +337,11 @@ class Dispatcher:
         rows = self._rows(run, batch.start, batch.end)
         payload = pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
         remote = self._remote
-        if run.cannot_import:
-            # Keep the batch off nodes that cannot import the script, without pinning it.
-            remote = remote.options(label_selector={
-                _NODE_ID_LABEL: f"!in({','.join(sorted(run.cannot_import))})"})
+        selector = nodes.label_selector(self._excluded_nodes | set(run.cannot_import))
+        if selector:
+            # Keep the batch off unclaimed nodes and nodes that cannot import the script,
+            # without pinning it to any node.
+            remote = remote.options(label_selector=selector)
         ref = remote.remote(run.source_ref, run.filename, run.columns, payload, run.limits)
         run.inflight[ref] = batch
 
@@ -404,7 +415,7 @@ class Dispatcher:
     def _script_failed_on(self, run: _Run, batch: _Batch, node_id: str, outcome) -> None:
         """The script's top-level code raised on ``node_id``: try elsewhere, or fail the project."""
         run.cannot_import[node_id] = outcome.script_error
-        others = self._alive_nodes - set(run.cannot_import)
+        others = self._alive_nodes - self._excluded_nodes - set(run.cannot_import)
         if others:
             logger.warning("project %s: the script cannot be imported on node %s (%s); "
                            "running its batches elsewhere", run.project_id, node_id[:12],
