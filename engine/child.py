@@ -10,15 +10,22 @@ never unpickles what it sends):
 
   parent -> {"source", "filename", "limits"}          child -> {"t": "ready"} | {"t": "script_error", ...}
   parent -> {"columns", "rows": [(index, values)], "isolate", "timeout"}
-                                                       child -> {"t": "results", "r": [...]} ... {"t": "done"}
+                                                       child -> {"t": "results", "r": [...]} ... {"t": "done"[, "recycle": why]}
 
 Each result is ``[row_index, ok, output_json_or_error, traceback, cpu_seconds]``.
 Results are flushed every 50 ms, or after every row in isolate mode, which the parent
 uses to pin down a row that kills its process. A row that overruns the time limit is
 reported, and then the child exits so that the parent replaces the process, whatever
 state the script left it in.
+
+A batch ends clean: a process the script started, or a thread still running, would
+otherwise live on in this warm child after the batch. Such processes are killed and the
+child tells the parent (``"recycle"`` in its ``done``) that it will exit, so the next
+batch gets a fresh process. A copy of this program made by ``os.fork()`` inside
+``main`` never reports rows: it leaves as soon as control returns here.
 """
 
+import errno
 import json
 import linecache
 import os
@@ -31,6 +38,7 @@ import time
 import traceback
 
 _FLUSH_SECONDS = 0.05
+_CPU_SLACK_SECONDS = 2
 _FLUSH_BYTES = 1 << 20
 
 
@@ -44,6 +52,25 @@ class RowTimeout(BaseException):
 _in_row = False
 _row_started = 0.0
 _timeout = 60.0
+_is_fork_copy = False  # set in a process forked by the script: it must never report rows
+_forks = 0             # os.fork() calls by the script, to explain a process-limit error
+_protocol_fds = ()
+
+
+def _count_fork():
+    global _forks
+    _forks += 1
+
+
+def _after_fork_in_copy():
+    # The copy shares the protocol pipes: point them at /dev/null so that it can neither
+    # steal the parent's next batch nor interleave lines with the real child's.
+    global _is_fork_copy
+    _is_fork_copy = True
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in _protocol_fds:
+        os.dup2(null, fd)
+    os.close(null)
 
 
 def _on_alarm(signum, frame):
@@ -84,18 +111,106 @@ def _format_traceback(exc):
 
 
 def _apply_limits(limits):
+    uid = limits.get("uid")
+    if uid is not None and os.getuid() == 0:
+        # Root's processes are exempt from RLIMIT_NPROC; an unprivileged uid is not.
+        # Switching all three uids clears every capability, and bubblewrap's
+        # no_new_privs keeps setuid programs from giving them back.
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        if os.getuid() != uid or os.geteuid() != uid:
+            raise SystemExit("could not switch to the sandbox uid")
     for name, value in (("RLIMIT_AS", limits.get("memory_bytes")),
                         ("RLIMIT_FSIZE", limits.get("file_bytes")),
                         ("RLIMIT_NOFILE", limits.get("open_files")),
-                        ("RLIMIT_NPROC", limits.get("processes"))):
-        if value:
+                        ("RLIMIT_NPROC", limits.get("processes")),
+                        ("RLIMIT_CPU", limits.get("cpu_seconds")),
+                        ("RLIMIT_CORE", 0)):
+        if value is not None:
             resource.setrlimit(getattr(resource, name), (value, value))
 
 
+def _reap():
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                return
+        except ChildProcessError:
+            return
+
+
+def _other_processes(own_pid):
+    """Live processes of the sandbox's PID namespace other than its init and this one."""
+    others = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and name not in ("1", own_pid):
+            try:
+                with open(f"/proc/{name}/stat", "rb") as stat:
+                    state = stat.read().rsplit(b")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue  # it exited while we looked
+            if state != b"Z":
+                others.append(name)
+    return others
+
+
+def _kill_strays(own_pid):
+    """Kill every other process in the sandbox (only ever called inside its PID namespace)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            # kill(-1) reaches this PID namespace only, and never its init (bubblewrap).
+            os.kill(-1, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        _reap()
+        if not _other_processes(own_pid):
+            return
+        time.sleep(0.005)
+
+
+def _leftovers(own_pid, in_namespace):
+    """Why this child must not be reused for another batch, or None."""
+    _reap()
+    if in_namespace:
+        others = _other_processes(own_pid)
+        if others:
+            return f"{len(others)} process(es) left running"
+    threads = len(os.listdir("/proc/self/task"))
+    if threads > 1:
+        return f"{threads - 1} thread(s) left running"
+    return None
+
+
+def _cpu_used():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _limit_batch_cpu(rows, timeout, lifetime):
+    # The backstop behind the row timeout: a batch may use each row's time limit in CPU,
+    # plus a little. The hard limit stays at the child's lifetime budget: research code
+    # can lift this soft limit, but only up to that.
+    if lifetime:
+        soft = min(int(_cpu_used() + rows * timeout) + _CPU_SLACK_SECONDS, lifetime)
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, lifetime))
+
+
+def _process_limit_text(exc, forks_before, processes):
+    if (processes and isinstance(exc, OSError) and exc.errno == errno.EAGAIN
+            and _forks > forks_before):
+        return f"{_describe(exc)} (the sandbox's limit of {processes} processes was reached)"
+    return None
+
+
 def main(in_fd, out_fd):
-    global _in_row, _row_started, _timeout
+    global _in_row, _row_started, _timeout, _protocol_fds
     inp = os.fdopen(in_fd, "rb")
     out = os.fdopen(out_fd, "wb")
+    _protocol_fds = (in_fd, out_fd)
+    own_pid = str(os.getpid())
+    os.register_at_fork(before=_count_fork, after_in_child=_after_fork_in_copy)
 
     def send(message):
         out.write(json.dumps(message, ensure_ascii=False).encode() + b"\n")
@@ -105,6 +220,10 @@ def main(in_fd, out_fd):
     limits = init["limits"]
     memory_text = limits.get("memory_text", "the memory limit")
     output_bytes = limits.get("output_bytes") or (10 << 20)
+    processes = limits.get("processes")
+    cpu_lifetime = limits.get("cpu_seconds")
+    # Only inside bubblewrap's PID namespace is killing "every other process" safe.
+    in_namespace = bool(limits.get("pid_namespace")) and own_pid == "2"
     _apply_limits(limits)
     filename = init["filename"]
     source = init["source"]
@@ -130,19 +249,24 @@ def main(in_fd, out_fd):
         columns = batch["columns"]
         isolate = batch["isolate"]
         _timeout = batch["timeout"]
+        _limit_batch_cpu(len(batch["rows"]), _timeout, cpu_lifetime)
         signal.setitimer(signal.ITIMER_REAL, _timeout)
         pending = []
         pending_bytes = 0
         last_flush = clock()
         timed_out = False
+        recycle = None
         cpu_before = cpu_clock()
         for index, values in batch["rows"]:
             row = dict(zip(columns, values))
+            forks_before = _forks
             try:
                 _row_started = clock()
                 _in_row = True
                 result = entry(row)
                 _in_row = False
+                if _is_fork_copy:
+                    os._exit(0)
                 text = dumps(result)
                 if len(text) > output_bytes // 4 and len(text.encode()) > output_bytes:
                     raise OverflowError(
@@ -164,8 +288,17 @@ def main(in_fd, out_fd):
                                 _format_traceback(exc), cpu_after - cpu_before])
             except BaseException as exc:
                 _in_row = False
+                if _is_fork_copy:
+                    os._exit(0)
                 cpu_after = cpu_clock()
-                pending.append([index, 0, _describe(exc), _format_traceback(exc),
+                limit_text = _process_limit_text(exc, forks_before, processes)
+                if limit_text is not None:
+                    # A fork bomb: stop its copies now, so that the batch's other rows
+                    # get the CPU, and replace this process after the batch.
+                    if in_namespace:
+                        _kill_strays(own_pid)
+                    recycle = "the process limit was reached"
+                pending.append([index, 0, limit_text or _describe(exc), _format_traceback(exc),
                                 cpu_after - cpu_before])
             cpu_before = cpu_after
             if timed_out:
@@ -183,7 +316,18 @@ def main(in_fd, out_fd):
         if timed_out:
             send({"t": "exit", "reason": "timeout"})
             return
-        send({"t": "done"})
+        recycle = _leftovers(own_pid, in_namespace) or recycle
+        if cpu_lifetime and _cpu_used() > cpu_lifetime / 2:
+            recycle = recycle or "half of its CPU time budget is used"
+        if recycle is None:
+            send({"t": "done"})
+            continue
+        # Nothing the script started may outlive its batch: this process exits after
+        # the message, which ends the PID namespace and everything left in it.
+        if in_namespace:
+            _kill_strays(own_pid)
+        send({"t": "done", "recycle": recycle})
+        return
 
 
 if __name__ == "__main__":

@@ -2,19 +2,24 @@
 
 Cluster batches (inside a Ray worker) and trial runs (inside the portal or CLI) both
 call ``run_rows``. The code itself runs in a child process (``engine/child.py``) under
-bubblewrap: no network, read-only system, empty ``/tmp`` and ``$HOME``, no
-capabilities, a scrubbed environment and resource limits. The calling process only
-feeds rows in and reads results out, so research code never shares a process with
-the Ray token.
+bubblewrap (``engine/sandbox.py``): no network, only the system and Python visible and
+read-only, empty ``/tmp`` and ``$HOME``, no capabilities, an unprivileged uid, a
+scrubbed environment and resource limits. The calling process only feeds rows in and
+reads JSON results out, so research code never shares a process with the Ray token.
 
 Children are kept warm per script between batches (starting one costs ~35 ms), and
-replaced whenever one dies or overruns. A row that crashes its process is found by
-re-running the rest of the batch in isolate mode, one flushed result per row; the
-rows before it keep their results.
+replaced whenever one dies, overruns, or leaves a process or thread behind after a
+batch. A row that crashes its process is found by re-running the rest of the batch in
+isolate mode, one flushed result per row; the rows before it keep their results.
+
+Before the first child, each process runs ``sandbox_status()``: a real sandboxed child
+that reports what it can see. A node where that fails refuses research code
+(``SandboxUnavailable``) unless ``Limits.allow_unsandboxed`` says otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,12 +30,14 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from engine import sandbox
 from engine.status import RowResult
 
 logger = logging.getLogger(__name__)
@@ -39,31 +46,83 @@ CHILD_SOURCE = (Path(__file__).parent / "child.py").read_text()
 _WARM_CHILDREN = 2
 _GRACE_SECONDS = 3.0
 _STARTUP_SECONDS = 60.0
+# The hard RLIMIT_CPU of one warm child, over all its batches. Only root may raise a
+# hard limit, and the container (like most) gives even root no CAP_SYS_RESOURCE, so the
+# limit cannot be renewed per batch: the child sets a soft limit per batch under it and
+# asks to be replaced once it has used half of it (see child.py).
+_CPU_LIFETIME_SECONDS = 6 * 3600
 
 
 class SandboxUnavailable(RuntimeError):
     """This node cannot start the sandbox; research code must not run here."""
 
 
+# Limits an admin maximum caps, with what a project may override.
+_CLAMPED = ("row_timeout", "memory_bytes", "output_bytes", "file_bytes", "open_files", "processes")
+
+
 @dataclass(frozen=True)
 class Limits:
-    """What one child may use. Built by the caller from settings and project overrides."""
+    """What one child may use. Build it with ``Limits.from_settings`` (or ``clamped``)."""
 
     row_timeout: float = 60.0
     memory_bytes: int = 2 << 30
     output_bytes: int = 10 << 20
     file_bytes: int = 64 << 20
     open_files: int = 256
+    processes: int = 64
     sandbox: str = "bwrap"
     hidden_paths: tuple[str, ...] = ()
+    # Run research code without the sandbox when bubblewrap does not work on the node.
+    # Only an admin setting may turn this on.
+    allow_unsandboxed: bool = False
+
+    def clamped(self, maximum: "Limits", **overrides: Any) -> "Limits":
+        """These limits with a project's ``overrides`` (None: keep), each capped at ``maximum``."""
+        changes: dict[str, Any] = {}
+        for name in _CLAMPED:
+            value = overrides.pop(name, None)
+            if value is None:
+                value = getattr(self, name)
+            kind = type(getattr(self, name))
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"the {name.replace('_', ' ')} limit must be a positive number, "
+                                 f"not {value!r}")
+            changes[name] = min(kind(value), getattr(maximum, name))
+        if overrides:
+            raise TypeError(f"no such limit: {', '.join(sorted(overrides))}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, hidden_paths: Sequence[str] = (),
+                      **overrides: Any) -> "Limits":
+        """The node-wide defaults from ``settings`` with a project's overrides, capped by the admin maxima."""
+        defaults = cls(row_timeout=float(settings.row_timeout),
+                       memory_bytes=settings.memory_limit_mb << 20,
+                       output_bytes=settings.output_limit_mb << 20,
+                       file_bytes=settings.file_limit_mb << 20,
+                       open_files=settings.open_files_limit,
+                       processes=settings.process_limit,
+                       sandbox=settings.sandbox,
+                       hidden_paths=tuple(hidden_paths),
+                       allow_unsandboxed=settings.allow_unsandboxed)
+        # Only time, memory and output size may be raised per project; the rest protect
+        # the node itself and stay at the node's setting.
+        maximum = dataclasses.replace(defaults, row_timeout=float(settings.max_row_timeout),
+                                      memory_bytes=settings.max_memory_limit_mb << 20,
+                                      output_bytes=settings.max_output_limit_mb << 20)
+        return defaults.clamped(maximum, **overrides)
 
     def for_child(self) -> dict[str, Any]:
-        gib = self.memory_bytes / (1 << 30)
-        memory_text = (f"memory limit of {gib:g} GiB" if gib >= 1
-                       else f"memory limit of {self.memory_bytes >> 20} MiB")
         return {"memory_bytes": self.memory_bytes, "file_bytes": self.file_bytes,
                 "open_files": self.open_files, "output_bytes": self.output_bytes,
-                "memory_text": memory_text}
+                "processes": self.processes, "cpu_seconds": _CPU_LIFETIME_SECONDS,
+                "memory_text": f"memory limit of {_size_text(self.memory_bytes)}"}
+
+
+def _size_text(size: int) -> str:
+    gib = size / (1 << 30)
+    return f"{gib:g} GiB" if gib >= 1 else f"{size >> 20} MiB"
 
 
 @dataclass
@@ -77,7 +136,11 @@ class Outcome:
 
 def run_rows(source: str, filename: str, columns: Sequence[str],
              rows: Sequence[tuple[int, Sequence[Any]]], limits: Limits) -> Outcome:
-    """Run ``main`` over ``rows`` (pairs of row index and values) in a sandboxed child."""
+    """Run ``main`` over ``rows`` (pairs of row index and values) in a sandboxed child.
+
+    Raises ``SandboxUnavailable`` when the sandbox does not work on this node (and the
+    limits do not allow running without it): the caller retries the batch elsewhere.
+    """
     outcome = Outcome()
     pending = list(rows)
     isolate = False
@@ -93,8 +156,8 @@ def run_rows(source: str, filename: str, columns: Sequence[str],
         if end == "done":
             break
         _pool.discard(child)
-        if end == "timeout":
-            continue  # the child reported the row itself and exited
+        if end in ("timeout", "recycle"):
+            continue  # the child reported its rows itself and exited
         if not pending:
             break
         if not isolate:
@@ -107,13 +170,79 @@ def run_rows(source: str, filename: str, columns: Sequence[str],
     return outcome
 
 
+_status_lock = threading.Lock()
+_status: str | None = None
+
+
+def sandbox_status(refresh: bool = False) -> str:
+    """``"available"``, or ``"unavailable: <reason>"``: a self-test of the sandbox on this node.
+
+    It starts a real sandboxed child, as research code would get, and checks what that
+    child sees: no network interface but loopback, nothing of ``$HOME`` and ``/tmp``,
+    no ``~/.ray``, no capabilities, no ``RAY_*`` variables, and not uid 0. The answer is
+    cached per process (about 50 ms to compute); the node registry calls this at start.
+    """
+    global _status
+    with _status_lock:
+        if _status is None or refresh:
+            _status = _self_test()
+            if _status != "available":
+                logger.warning("sandbox: %s", _status)
+        return _status
+
+
 def sandbox_available() -> bool:
-    """Whether bubblewrap is installed and can start a sandbox on this machine."""
+    """Whether the sandbox works on this node (see ``sandbox_status``)."""
+    return sandbox_status() == "available"
+
+
+_PROBE = """
+import os, socket
+def main(row):
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+    return {"uid": os.getuid(), "cap_eff": int(status["CapEff"].strip(), 16),
+            "no_new_privs": status["NoNewPrivs"].strip(),
+            "interfaces": sorted(name for _, name in socket.if_nameindex()),
+            "home": sorted(os.listdir(os.path.expanduser("~"))), "tmp": sorted(os.listdir("/tmp")),
+            "ray_dir": os.path.exists(os.path.expanduser("~/.ray")),
+            "ray_env": sorted(k for k in os.environ if k.startswith("RAY_"))}
+"""
+
+
+def _self_test() -> str:
     if shutil.which("bwrap") is None:
-        return False
-    probe = subprocess.run(_bwrap_prefix(()) + [sys.executable, "-I", "-c", "pass"],
-                           stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
-    return probe.returncode == 0
+        return "unavailable: bubblewrap (bwrap) is not installed"
+    child = None
+    try:
+        child = _Child(_PROBE, "sandbox-probe.py", Limits(row_timeout=30.0), probe=True)
+        if child.script_error is not None:
+            return f"unavailable: the probe failed: {child.script_error[0]}"
+        results, end = child.run(["x"], [(0, [0])], False, 30.0)
+    except (SandboxUnavailable, OSError) as exc:
+        return f"unavailable: {exc}"
+    finally:
+        if child is not None:
+            child.close()
+    if end != "done" or not results or not results[0].succeeded:
+        reason = results[0].error if results else end
+        return f"unavailable: the probe failed: {reason}"
+    seen = json.loads(results[0].output)
+    problems = []
+    if seen["interfaces"] not in ([], ["lo"]):
+        problems.append(f"network interfaces are visible: {', '.join(seen['interfaces'])}")
+    if seen["cap_eff"]:
+        problems.append(f"capabilities remain ({seen['cap_eff']:#x})")
+    if seen["no_new_privs"] != "1":
+        problems.append("no_new_privs is not set")
+    if sandbox.runs_as_root() and seen["uid"] == 0:
+        problems.append("research code runs as uid 0")
+    if seen["ray_dir"] or set(seen["home"]) - sandbox.home_entries_allowed():
+        problems.append(f"$HOME is not empty: {', '.join(seen['home'])}")
+    if seen["tmp"]:
+        problems.append(f"/tmp is not empty: {', '.join(seen['tmp'])}")
+    if seen["ray_env"]:
+        problems.append(f"Ray variables are visible: {', '.join(seen['ray_env'])}")
+    return "unavailable: " + "; ".join(problems) if problems else "available"
 
 
 def shutdown() -> None:
@@ -122,38 +251,6 @@ def shutdown() -> None:
 
 
 # -- children ------------------------------------------------------------------------
-
-
-def _child_env() -> dict[str, str]:
-    # Only what Python needs. No RAY_*, no tokens, no credentials of the host's user.
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": _sandbox_home(),
-            "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-
-
-def _sandbox_home() -> str:
-    return os.path.expanduser("~") or "/root"
-
-
-def _bwrap_prefix(hidden_paths: Sequence[str]) -> list[str]:
-    home = _sandbox_home()
-    args = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-            "--tmpfs", "/tmp", "--tmpfs", home]
-    masked = ["/tmp", home]
-    for path in hidden_paths:
-        if path and os.path.isdir(path):
-            args += ["--tmpfs", path]
-            masked.append(path)
-    # The masks above can hide the Python installation or the virtual environment
-    # (pyenv under $HOME, a venv under /tmp): bind those back, read-only.
-    for path in sorted({os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix),
-                        sys.prefix, sys.base_prefix,
-                        os.path.dirname(os.path.realpath(sys.executable))}):
-        if any(path == m or path.startswith(m.rstrip("/") + "/") for m in masked):
-            args += ["--ro-bind", path, path]
-    args += ["--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-             "--unshare-cgroup-try", "--die-with-parent", "--new-session",
-             "--cap-drop", "ALL", "--chdir", "/tmp"]
-    return args
 
 
 def _set_parent_death_signal() -> None:
@@ -165,30 +262,39 @@ def _set_parent_death_signal() -> None:
 
 
 class _Child:
-    def __init__(self, source: str, filename: str, limits: Limits):
+    def __init__(self, source: str, filename: str, limits: Limits, probe: bool = False):
         self.script_error: tuple[str, str | None] | None = None
+        self.recycle: str | None = None
+        sandboxed = limits.sandbox == "bwrap"
+        if sandboxed and not probe and not sandbox_available():
+            if not limits.allow_unsandboxed:
+                raise SandboxUnavailable(f"the sandbox does not work on this node ({sandbox_status()}); "
+                                         f"research code does not run here")
+            logger.warning("sandbox: running research code WITHOUT the sandbox (%s), as allowed",
+                           sandbox_status())
+            sandboxed = False
         in_read, self._in_write = os.pipe()
         self._out_read, out_write = os.pipe()
-        prefix = _bwrap_prefix(limits.hidden_paths) if limits.sandbox == "bwrap" else []
-        if prefix and shutil.which("bwrap") is None:
-            os.close(in_read)
-            os.close(out_write)
-            raise SandboxUnavailable("bubblewrap (bwrap) is not installed on this node")
+        prefix = sandbox.bwrap_argv(limits.hidden_paths) if sandboxed else []
         argv = prefix + [sys.executable, "-I", "-c", CHILD_SOURCE, str(in_read), str(out_write)]
         self.process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            pass_fds=(in_read, out_write), env=_child_env(), start_new_session=True,
+            pass_fds=(in_read, out_write), env=sandbox.child_env(), start_new_session=True,
             preexec_fn=_set_parent_death_signal)
         os.close(in_read)
         os.close(out_write)
+        self._sandboxed = sandboxed
         self._buffer = b""
         self._max_line = limits.output_bytes * 2 + (1 << 20)
-        self._send({"source": source, "filename": filename, "limits": limits.for_child()})
+        child_limits = limits.for_child()
+        if sandboxed:
+            child_limits.update(uid=sandbox.sandbox_uid(), pid_namespace=True)
+        self._send({"source": source, "filename": filename, "limits": child_limits})
         deadline = time.monotonic() + max(_STARTUP_SECONDS, limits.row_timeout)
         message = self._next_message(deadline)
         if message is None or message.get("t") not in ("ready", "script_error"):
             self.close()
-            if limits.sandbox == "bwrap":
+            if sandboxed:
                 raise SandboxUnavailable(
                     f"the sandbox did not start ({self._exit_text()}); check that bubblewrap works here")
             raise RuntimeError(f"the worker process did not start ({self._exit_text()})")
@@ -210,30 +316,41 @@ class _Child:
     def _next_message(self, deadline: float) -> dict | None:
         """The next JSON message, or None if the child died, misbehaved or ran out of time.
 
-        After None, ``self.timed_out`` tells a silent child from a dead one.
+        After None, ``self.failure`` says which: "timeout", "eof" or "protocol".
         """
-        self.timed_out = False
+        self.failure = None
         while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
             ready = select.select([self._out_read], [], [], remaining)[0] if remaining > 0 else []
             if not ready:
-                self.timed_out = True
+                self.failure = "timeout"
                 return None
             chunk = os.read(self._out_read, 1 << 20)
             if not chunk:
+                self.failure = "eof"
                 return None
             self._buffer += chunk
             if len(self._buffer) > self._max_line and b"\n" not in self._buffer:
+                self.failure = "protocol"
                 return None
         line, self._buffer = self._buffer.split(b"\n", 1)
         try:
             message = json.loads(line)
         except ValueError:
+            message = None
+        if not isinstance(message, dict):
+            self.failure = "protocol"
             return None
-        return message if isinstance(message, dict) else None
+        return message
 
     def run(self, columns, rows, isolate: bool, timeout: float) -> tuple[list[RowResult], str]:
-        """Send rows; collect results in order. Returns (results, how it ended)."""
+        """Send rows; collect results in order. Returns (results, how it ended).
+
+        How it ended: "done" (the child stays warm), "recycle" (all rows done, but the
+        child exits because something it started was still running), "timeout" (the
+        child reported a row over its time limit and exited), or an error text for the
+        row that was running when the child died.
+        """
         received: list[RowResult] = []
         if not self._send({"columns": list(columns), "rows": list(rows),
                            "isolate": isolate, "timeout": timeout}):
@@ -242,27 +359,42 @@ class _Child:
         while True:
             message = self._next_message(time.monotonic() + timeout + _GRACE_SECONDS)
             if message is None:
-                if self.timed_out:
+                if self.failure == "timeout":
                     self.close()
                     return received, (f"RowTimeout: row exceeded the {timeout:g} s time limit "
                                       f"(its process stopped responding and was replaced)")
+                if self.failure == "protocol":
+                    return received, self._protocol_error()
                 return received, self._death_text()
             kind = message.get("t")
             if kind == "results":
-                for item in message.get("r", ()):
+                items = message.get("r")
+                for item in items if isinstance(items, list) else (None,):
                     result = _parse_result(item, next(expected, None))
                     if result is None:
-                        self.close()
-                        return received, "SandboxError: the process running this row broke the protocol"
+                        return received, self._protocol_error()
                     received.append(result)
             elif kind == "done":
+                if len(received) != len(rows):
+                    # A script can write to the result pipe itself; a "done" that leaves
+                    # rows unanswered would lose them silently.
+                    return received, self._protocol_error()
+                self.recycle = _str_or_none(message.get("recycle"))
+                if self.recycle is not None:
+                    logger.info("sandbox: replacing a child after its batch: %s", self.recycle)
+                    self.close()
+                    return received, "recycle"
                 return received, "done"
             elif kind == "exit":
                 self.close()
                 return received, "timeout"
             else:
-                self.close()
-                return received, "SandboxError: the process running this row broke the protocol"
+                return received, self._protocol_error()
+
+    def _protocol_error(self) -> str:
+        self.close()
+        return ("SandboxError: the process running this row broke the result protocol "
+                "(it wrote to the engine's result pipe itself); it was replaced")
 
     def _exit_text(self) -> str:
         try:
@@ -278,11 +410,19 @@ class _Child:
             pass
         self.close()
         code = self.process.returncode
+        signum = None
         if code is not None and code < 0:
-            name = signal.Signals(-code).name
-            reason = {"SIGXCPU": "it exceeded the CPU time limit",
+            signum = -code
+        elif self._sandboxed and code is not None and 128 < code < 128 + 65:
+            signum = code - 128  # bubblewrap exits with 128 + the signal that ended its command
+        if signum is not None:
+            try:
+                name = signal.Signals(signum).name
+            except ValueError:
+                name = f"signal {signum}"
+            reason = {"SIGXCPU": "it exceeded the CPU time limit of its batch",
                       "SIGXFSZ": "it exceeded the file size limit",
-                      "SIGKILL": "it was killed (often: out of memory)",
+                      "SIGKILL": "it was killed (out of memory, or over the CPU time limit)",
                       "SIGSEGV": "it crashed (segmentation fault)"}.get(name, f"it was killed by {name}")
             return f"WorkerCrashed: the process running this row died: {reason}"
         return f"WorkerCrashed: the process running this row exited unexpectedly (exit code {code})"
@@ -290,6 +430,8 @@ class _Child:
     def close(self) -> None:
         if self.process.poll() is None:
             try:
+                # Killing bubblewrap kills its init (--die-with-parent), and with the
+                # init the kernel kills everything left in the sandbox's PID namespace.
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass

@@ -1,12 +1,14 @@
 """The executor runs research code in a sandboxed child; these run it for real under bubblewrap."""
 
 import json
+import os
 
 import pytest
 
-from conftest import fixture_bytes
-from engine import executor
+from conftest import ROOT, fixture_bytes
+from engine import executor, sandbox
 from engine.executor import Limits, run_rows
+from engine.settings import Settings
 
 LIMITS = Limits(row_timeout=2.0, sandbox="bwrap")
 
@@ -76,3 +78,150 @@ def test_child_stays_warm_across_batches():
     first = executor._pool._children[(source, "square.py", LIMITS)].process.pid
     run_rows(source, "square.py", ["x"], [(1, [2])], LIMITS)
     assert executor._pool._children[(source, "square.py", LIMITS)].process.pid == first
+
+
+# -- limits: settings, project overrides, admin maxima --------------------------------
+
+def test_project_overrides_are_capped_at_the_admin_maximum():
+    defaults = Limits(row_timeout=60.0, memory_bytes=2 << 30, processes=64)
+    maximum = Limits(row_timeout=600.0, memory_bytes=8 << 30, processes=64)
+    assert defaults.clamped(maximum) == defaults
+    raised = defaults.clamped(maximum, row_timeout=120, memory_bytes=4 << 30)
+    assert (raised.row_timeout, raised.memory_bytes) == (120.0, 4 << 30)
+    assert isinstance(raised.row_timeout, float)
+    capped = defaults.clamped(maximum, row_timeout=86400.0, memory_bytes=64 << 30, processes=10_000)
+    assert (capped.row_timeout, capped.memory_bytes, capped.processes) == (600.0, 8 << 30, 64)
+    # A default above the maximum (a misconfiguration) is capped too.
+    assert Limits(row_timeout=900.0).clamped(maximum).row_timeout == 600.0
+    # Lower than the default is always allowed.
+    assert defaults.clamped(maximum, processes=8).processes == 8
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"row_timeout": 0}, "row timeout limit must be a positive number"),
+    ({"memory_bytes": -1}, "memory bytes limit must be a positive number"),
+    ({"processes": True}, "processes limit must be a positive number"),
+    ({"row_timeout": "60"}, "row timeout limit must be a positive number"),
+])
+def test_invalid_overrides_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        Limits().clamped(Limits(), **overrides)
+
+
+def test_unknown_override_is_refused():
+    with pytest.raises(TypeError, match="no such limit: cpu"):
+        Limits().clamped(Limits(), cpu=3)
+
+
+def test_limits_from_settings_use_the_admin_maxima():
+    settings = Settings(row_timeout=30, memory_limit_mb=1024, output_limit_mb=5, file_limit_mb=16,
+                        open_files_limit=100, process_limit=20, max_row_timeout=120,
+                        max_memory_limit_mb=4096, max_output_limit_mb=50, allow_unsandboxed=True)
+    limits = Limits.from_settings(settings, hidden_paths=["/srv/data"])
+    assert limits == Limits(row_timeout=30.0, memory_bytes=1 << 30, output_bytes=5 << 20,
+                            file_bytes=16 << 20, open_files=100, processes=20, sandbox="bwrap",
+                            hidden_paths=("/srv/data",), allow_unsandboxed=True)
+    project = Limits.from_settings(settings, row_timeout=1000, memory_bytes=2 << 30,
+                                   output_bytes=1 << 30, processes=500, file_bytes=1 << 30)
+    # Time, memory and output may be raised up to the maxima; the node-protecting limits not at all.
+    assert (project.row_timeout, project.memory_bytes, project.output_bytes) == (120.0, 2 << 30, 50 << 20)
+    assert (project.processes, project.file_bytes) == (20, 16 << 20)
+
+
+# -- the sandbox's self-test ----------------------------------------------------------
+
+def test_sandbox_status_is_a_real_self_test(monkeypatch):
+    assert executor.sandbox_status(refresh=True) == "available"
+    monkeypatch.setenv("PATH", "/nonexistent")
+    try:
+        assert executor.sandbox_status(refresh=True) == \
+            "unavailable: bubblewrap (bwrap) is not installed"
+        assert not executor.sandbox_available()
+    finally:
+        monkeypatch.undo()
+        executor.sandbox_status(refresh=True)
+
+
+def test_without_a_working_sandbox_research_code_does_not_run(monkeypatch, tmp_path):
+    marker = tmp_path / "ran"
+    source = f"def main(row):\n    open({str(marker)!r}, 'w').write('ran')\n    return 1\n"
+    monkeypatch.setenv("PATH", "/nonexistent")
+    try:
+        executor.sandbox_status(refresh=True)
+        with pytest.raises(executor.SandboxUnavailable, match="bubblewrap .bwrap. is not installed"):
+            run_rows(source, "s.py", ["x"], [(0, [1])], LIMITS)
+        assert not marker.exists()
+        # Only the admin setting lets it run anyway, unsandboxed (it can then write here).
+        monkeypatch.setenv("PATH", "/usr/bin:/bin")
+        allowed = Limits(row_timeout=2.0, allow_unsandboxed=True)
+        monkeypatch.setattr(executor, "_status", "unavailable: bubblewrap (bwrap) is not installed")
+        assert run_rows(source, "s.py", ["x"], [(0, [1])], allowed).results[0].succeeded
+        assert marker.read_text() == "ran"
+    finally:
+        monkeypatch.undo()
+        executor.shutdown()
+        executor.sandbox_status(refresh=True)
+
+
+def test_sandbox_sees_only_the_system_and_python():
+    probe = ("import os, sys\n"
+             "def main(row):\n"
+             "    return {'root': sorted(os.listdir('/')), 'uid': os.getuid(),\n"
+             "            'home': sorted(os.listdir(os.path.expanduser('~'))),\n"
+             "            'repo': sorted(os.listdir(row['x'])) if os.path.isdir(row['x']) else None,\n"
+             "            'numpy': __import__('numpy').__name__}\n")
+    outcome = run_rows(probe, "probe.py", ["x"], [(0, [str(ROOT)])], LIMITS)
+    seen = json.loads(outcome.results[0].output)
+    assert seen["numpy"] == "numpy"  # what is installed on the node can be imported
+    # The repository (and its data directory) is absent; only its virtual environment, if
+    # it holds one, is bound back.
+    assert seen["repo"] in (None, [".venv"])
+    home = os.path.expanduser("~")
+    python_tops = {p.split("/")[1] for p in sandbox.python_paths()}
+    assert set(seen["root"]) <= {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc",
+                                 "dev", "proc", "tmp", home.split("/")[1], *python_tops}
+    assert set(seen["home"]) <= sandbox.home_entries_allowed() and ".ray" not in seen["home"]
+    if os.geteuid() == 0:
+        assert seen["uid"] == sandbox.sandbox_uid()
+
+
+# -- what must not outlive a batch ------------------------------------------------------
+
+THREAD_LEFT = ("import threading, time\n"
+               "def main(row):\n"
+               "    if row['x'] == 1:\n"
+               "        threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+               "    return row['x']\n")
+
+
+def test_a_thread_left_running_replaces_the_child_after_the_batch():
+    run_rows(THREAD_LEFT, "t.py", ["x"], [(0, [0])], LIMITS)
+    first = executor._pool._children[(THREAD_LEFT, "t.py", LIMITS)].process.pid
+    outcome = run_rows(THREAD_LEFT, "t.py", ["x"], [(1, [1]), (2, [2])], LIMITS)
+    assert [r.succeeded for r in outcome.results] == [True, True]
+    assert (THREAD_LEFT, "t.py", LIMITS) not in executor._pool._children
+    run_rows(THREAD_LEFT, "t.py", ["x"], [(3, [3])], LIMITS)
+    assert executor._pool._children[(THREAD_LEFT, "t.py", LIMITS)].process.pid != first
+
+
+def test_a_forged_done_message_cannot_lose_rows():
+    forger = ("import os, sys\n"
+              "def main(row):\n"
+              "    if row['x'] == 1:\n"
+              "        os.write(int(sys.argv[-1]), b'{\"t\": \"done\"}\\n')\n"
+              "    return row['x']\n")
+    outcome = run_rows(forger, "f.py", ["x"], [(i, [i]) for i in range(4)], LIMITS)
+    assert [r.row_index for r in outcome.results] == [0, 1, 2, 3]
+    assert [r.succeeded for r in outcome.results] == [True, False, True, True]
+    assert outcome.results[1].error.startswith("SandboxError: the process running this row broke "
+                                               "the result protocol")
+
+
+def test_cpu_backstop_is_set_per_batch_under_a_lifetime_hard_limit():
+    probe = ("import resource\n"
+             "def main(row):\n"
+             "    return resource.getrlimit(resource.RLIMIT_CPU)\n")
+    outcome = run_rows(probe, "cpu.py", ["x"], [(i, [i]) for i in range(10)], LIMITS)
+    soft, hard = json.loads(outcome.results[0].output)
+    assert hard == executor._CPU_LIFETIME_SECONDS
+    assert 10 * 2 <= soft <= 10 * 2 + 5  # ten rows of 2 s, plus slack
