@@ -328,6 +328,18 @@ def excluded_node_ids(store: Store, settings: Settings) -> set[str]:
             Node.online.is_(True), Node.role != HEAD, Node.claimed.is_(False))).scalars())
 
 
+def parties(store: Store) -> dict[str, str]:
+    """node id -> who answers for its results: the verified volunteer, or "head".
+
+    Unclaimed and voided nodes are absent: their results belong to nobody. Offline nodes
+    stay, because a result can arrive from a node that has just died.
+    """
+    with store.session() as session:
+        rows = session.execute(select(Node.node_id, Node.role, Node.volunteer).where(
+            (Node.role == HEAD) | Node.claimed.is_(True))).all()
+    return {node_id: HEAD if role == HEAD else volunteer for node_id, role, volunteer in rows}
+
+
 def label_selector(excluded: set[str] | frozenset[str]) -> dict[str, str] | None:
     """A Ray ``label_selector`` that keeps a task off ``excluded`` nodes (None if empty).
 

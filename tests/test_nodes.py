@@ -140,6 +140,7 @@ def test_registry_claims_only_verified_nodes(people, settings):
     assert views["a1"].status == "online" and views["a1"].cpus == 2.0
     assert views["a1"].python_version == nodes.python_minor() and views["a1"].sandbox == "unknown"
     assert nodes.excluded_node_ids(people, settings) == {"f1", "g1", "plain", "rita"}
+    assert nodes.parties(people) == {"head": "head", "a1": "alice", "b1": "bob"}
     assert nodes.excluded_node_ids(people, settings.replace(allow_unclaimed_nodes=True)) == set()
 
 
@@ -171,6 +172,7 @@ def test_rotation_voids_old_signatures(people, settings):
     assert (views["a1"].claimed, views["a2"].claimed, views["a3"].claimed) == (False, True, False)
     assert views["a1"].label_volunteer == "alice"
     assert "a1" in nodes.excluded_node_ids(people, settings)
+    assert nodes.parties(people) == {"a2": "alice"}
 
 
 def test_disabled_volunteer_stops_earning(people, settings):
