@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import select, text
 
 from engine.accounts import visible_project
 from engine.models import DatasetChunk, Task
@@ -114,38 +113,6 @@ def error_groups(store: Store, actor, project_id: int) -> list[ErrorGroup]:
                                      example_error=example.error or "",
                                      example_traceback=example.traceback))
         return result
-
-
-@dataclass(frozen=True)
-class NodeContribution:
-    """The work one node has stored results for (from the tasks table)."""
-
-    node_id: str
-    tasks: int
-    cpu_seconds: float
-    last_active: float
-
-
-def node_contributions(store: Store, since: float | None = None) -> list[NodeContribution]:
-    """Tasks and CPU time per node, most tasks first; ``since`` limits to recent results.
-
-    Public (the leaderboard is open to everyone) and free of project details.
-    """
-    query = (select(Task.node_id, func.count(), func.sum(Task.cpu_seconds),
-                    func.max(Task.finished_at))
-             .where(Task.node_id.is_not(None)).group_by(Task.node_id)
-             .order_by(func.count().desc()))
-    if since is not None:
-        query = query.where(Task.finished_at >= since)
-    with store.session() as session:
-        return [NodeContribution(node, count, float(cpu or 0.0), float(last))
-                for node, count, cpu, last in session.execute(query)]
-
-
-def window_start(window: str, now: float | None = None) -> float | None:
-    """The start time of a leaderboard window: ``24h``, ``7d`` or ``all`` (None)."""
-    now = time.time() if now is None else now
-    return {"24h": now - 86400, "7d": now - 7 * 86400, "all": None}[window]
 
 
 def _inputs(session, project_id: int, indices) -> dict[int, list]:

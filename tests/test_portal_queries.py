@@ -1,5 +1,5 @@
-"""The engine functions behind the portal's pages: results paging, error groups, the
-node leaderboard and the trial run. Real SQLite, real sandboxed execution, no Ray."""
+"""The engine functions behind the portal's pages: results paging, error groups and
+the trial run. Real SQLite, real sandboxed execution, no Ray."""
 
 import pytest
 
@@ -98,16 +98,6 @@ def test_another_users_project_is_not_found_like_a_missing_one(store, settings):
             call(None, pid)
     admin = accounts.add_user(store, "root", {Role.ADMIN}, password="long enough")
     assert len(results.results_page(store, admin, pid).rows) == 10
-
-
-def test_node_contributions_count_tasks_and_cpu_per_node(store, settings):
-    owner = researcher(store, "ada")
-    project_with_results(store, settings, owner, rows=30, node="node-a")
-    project_with_results(store, settings, owner, rows=10, node="node-b")
-    board = results.node_contributions(store)
-    assert [(n.node_id, n.tasks) for n in board] == [("node-a", 30), ("node-b", 10)]
-    assert board[0].cpu_seconds == pytest.approx(0.3)
-    assert results.node_contributions(store, since=board[0].last_active + 1) == []
 
 
 def upload(script, data):

@@ -1,0 +1,77 @@
+"""Submit a project: upload, check, preview, trial run, then run on the cluster."""
+
+import pandas as pd
+import streamlit as st
+
+from engine import Role, submit_project
+from engine.dataset import parse_dataset
+from engine.script import check_script
+from engine.trial import TRIAL_ROWS, trial_run
+from portal import auth, errors, state, widgets
+
+user = auth.require(Role.RESEARCHER)
+settings, store = state.settings(), state.store()
+widgets.header("Submit a project", ":material/upload:",
+               "A script that defines main(row), and a CSV, JSON or JSON Lines dataset.")
+
+title = st.text_input("Title", key="title", max_chars=200)
+description = st.text_area("Description", key="description", height=80)
+script_file = st.file_uploader("Script", type=["py"], key="script",
+                               help="Python that defines main(row); row is a dict of column to value.")
+script = widgets.checked(script_file, lambda f: check_script(
+    f.name, f.getvalue(), max_bytes=settings.max_script_bytes))
+dataset_file = st.file_uploader("Dataset", type=["csv", "json", "jsonl", "ndjson"], key="dataset")
+dataset = widgets.checked(dataset_file, lambda f: parse_dataset(
+    f.name, f.getvalue(), max_bytes=settings.max_upload_bytes))
+with st.expander("Advanced settings"):
+    batch_size = st.number_input("Batch size (rows per Ray call)", min_value=1, max_value=1_000_000,
+                                 value=settings.batch_size, step=100, key="batch_size")
+    row_timeout = st.number_input("Row timeout (seconds)", min_value=1.0, max_value=86400.0,
+                                  value=float(settings.row_timeout), step=10.0, key="row_timeout")
+
+if dataset is not None:
+    st.subheader(f"Preview: {len(dataset):,} rows, {len(dataset.columns)} columns")
+    st.dataframe(pd.DataFrame(dataset.rows[:20], columns=dataset.columns), hide_index=False)
+
+if script is None or dataset is None:
+    st.stop()
+
+upload_key = (script_file.file_id, dataset_file.file_id, float(row_timeout))
+st.subheader("Trial run")
+st.caption(f"main runs on the first {TRIAL_ROWS} rows in the same sandbox the cluster uses.")
+if st.button(f"Trial run on {min(TRIAL_ROWS, len(dataset))} rows", key="trial_button",
+             icon=":material/science:"):
+    with st.spinner("Running main in the sandbox…"), errors.shown():
+        st.session_state["trial"] = (upload_key, trial_run(store, settings, user, script, dataset,
+                                                           row_timeout=row_timeout))
+trial = st.session_state.get("trial")
+if trial is None or trial[0] != upload_key:
+    st.info("Run the trial first: it shows what main returns before the whole dataset runs.",
+            icon=":material/info:")
+    st.stop()
+trial = trial[1]
+if trial.script_error:
+    st.error(errors.plain(f"The script fails while it is imported: {trial.script_error}"),
+             icon=":material/error:")
+    if trial.script_traceback:
+        st.code(trial.script_traceback, language=None)
+    st.stop()
+widgets.trial_table(trial)
+
+submitted = st.session_state.get("submitted", {})
+if upload_key in submitted:
+    project_id = submitted[upload_key]
+    st.success(f"Project {project_id} submitted.", icon=":material/check_circle:")
+    st.page_link("app_pages/projects.py", label="Follow its progress", icon=":material/monitoring:",
+                 query_params={"id": project_id})
+elif st.button("Run on the cluster", type="primary", key="run_button", icon=":material/rocket_launch:"):
+    with errors.shown():
+        project_id = submit_project(
+            store, settings, user, title=title or script.name, description=description,
+            script_name=script.name, script_bytes=script_file.getvalue(),
+            dataset_name=dataset.name, dataset_bytes=dataset_file.getvalue(),
+            batch_size=int(batch_size), row_timeout=float(row_timeout))
+    st.session_state["submitted"] = {**submitted, upload_key: project_id}
+    st.success(f"Project {project_id} submitted.", icon=":material/check_circle:")
+    st.page_link("app_pages/projects.py", label="Follow its progress", icon=":material/monitoring:",
+                 query_params={"id": project_id})

@@ -1,0 +1,381 @@
+"""The portal's pages under AppTest: real entry point, real sign-in form, real SQLite.
+
+Ray is not needed: projects are moved along with the engine's own status functions,
+exactly as the dispatcher would store them.
+"""
+
+from __future__ import annotations
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from conftest import ROOT, fixture_bytes
+from engine import accounts, projects
+from engine.accounts import Role
+from engine.models import Project
+from engine.status import ProjectStatus, RowResult, record_results, transition_project
+
+PASSWORD = "long enough"
+USERS = {
+    "ada": {Role.RESEARCHER},
+    "bob": {Role.RESEARCHER},
+    "vic": {Role.VOLUNTEER},
+    "both": {Role.RESEARCHER, Role.VOLUNTEER},
+    "root": {Role.ADMIN},
+}
+# page -> (its title, who may use it: a set of user names; None stands for anonymous)
+PAGES = {
+    "app_pages/login.py": ("Sign in", {None}),
+    "app_pages/register.py": ("Register", {None}),
+    "app_pages/projects.py": ("Projects", {"ada", "bob", "both", "root"}),
+    "app_pages/submit.py": ("Submit a project", {"ada", "bob", "both", "root"}),
+    "app_pages/results.py": ("Results", {"ada", "bob", "both", "root"}),
+    "app_pages/join.py": ("Join cluster", {"vic", "both", "root"}),
+    "app_pages/leaderboard.py": ("Leaderboard", {None, "ada", "bob", "vic", "both", "root"}),
+    "app_pages/admin.py": ("Admin", {"root"}),
+}
+
+
+@pytest.fixture
+def portal(settings, store, monkeypatch):
+    """The portal's environment: the test's data directory, and one account per role."""
+    monkeypatch.setenv("CONSTELLATION_DATA_DIR", settings.data_dir)
+    monkeypatch.setenv("CONSTELLATION_ROW_TIMEOUT", "10")
+    for name, roles in USERS.items():
+        accounts.add_user(store, name, roles, password=PASSWORD, email=f"{name}@x.org")
+    return store
+
+
+def app() -> AppTest:
+    at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def sign_in(at: AppTest, name: str, password: str = PASSWORD) -> AppTest:
+    at.text_input[0].input(name)
+    at.text_input[1].input(password)
+    at.button[0].click()
+    at.run()
+    return at
+
+
+def signed_in(name: str | None) -> AppTest:
+    at = app()
+    if name is None:
+        return at
+    sign_in(at, name)
+    assert [s.value for s in at.success] == [f"Welcome, {name}."], [e.value for e in at.error]
+    at.button(key="continue").click()
+    at.run()
+    return at
+
+
+def open_page(at: AppTest, page: str, **query) -> AppTest:
+    at.query_params.clear()
+    for key, value in query.items():
+        at.query_params[key] = str(value)
+    at.switch_page(page)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def titles(at: AppTest) -> list[str]:
+    return [t.value.split(" ", 1)[1] for t in at.title]
+
+
+def texts(at: AppTest, kind: str) -> list[str]:
+    # The portal escapes Markdown in messages that carry user content; read them as text.
+    return [e.value.replace("\\", "") for e in getattr(at, kind)]
+
+
+def submit(store, owner: str, script="square.py", rows=10, title="squares") -> int:
+    data = b"x\n" + b"".join(b"%d\n" % i for i in range(1, rows + 1))
+    return projects.submit_project(store, store.settings, accounts.get_user(store, owner),
+                                   title=title, script_name=script, script_bytes=fixture_bytes(script),
+                                   dataset_name="d.csv", dataset_bytes=data)
+
+
+def complete(store, project_id: int, fail_every: int = 0, node="node-aaaaaaaaaaaa") -> None:
+    with store.session() as s:
+        transition_project(s, project_id, ProjectStatus.RUNNING)
+        total = s.get(Project, project_id).rows_total
+        record_results(s, project_id, [
+            RowResult(i, False, None, f"ValueError: row {i}", f"Traceback (most recent call last):\nrow {i}", 0.01)
+            if fail_every and i % fail_every == 0 else RowResult(i, True, str((i + 1) ** 2), None, None, 0.01)
+            for i in range(total)], node)
+
+
+# -- signing in and registering ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("who", [None, *USERS])
+def test_role_gating_matrix(portal, who):
+    at = signed_in(who)
+    for page, (title, allowed) in PAGES.items():
+        open_page(at, page)
+        if who in allowed:
+            assert titles(at) == [title], (who, page)
+            continue
+        assert title not in titles(at), (who, page)
+        if page in ("app_pages/login.py", "app_pages/register.py"):
+            # Signed-in users are sent to their home page.
+            assert titles(at) == ["Join cluster" if who == "vic" else "Projects"], (who, page)
+            continue
+        if who is None:
+            assert any("Sign in with a" in w for w in texts(at, "warning")), page
+        else:
+            assert any(e.startswith("Not allowed: this needs the") for e in texts(at, "error")), page
+        assert not at.file_uploader and not at.dataframe, (who, page)
+
+
+def test_register_then_sign_in(portal):
+    at = open_page(app(), "app_pages/register.py")
+    at.text_input(key="reg_name").input("Cleo")
+    at.text_input(key="reg_email").input("cleo@x.org")
+    at.text_input(key="reg_password").input("a good password")
+    at.text_input(key="reg_repeat").input("a good password")
+    at.radio(key="reg_role").set_value("Both")
+    at.button[0].click()
+    at.run()
+    assert texts(at, "success") == ["Account cleo created. Sign in to continue."]
+    assert accounts.get_user(portal, "cleo").role_set == {"researcher", "volunteer"}
+    at = sign_in(open_page(app(), "app_pages/login.py"), "cleo", "a good password")
+    assert texts(at, "success") == ["Welcome, cleo."]
+
+
+def test_registration_errors_come_from_the_engine(portal):
+    at = open_page(app(), "app_pages/register.py")
+    at.text_input(key="reg_name").input("ada")
+    at.text_input(key="reg_email").input("a@x.org")
+    at.text_input(key="reg_password").input("a good password")
+    at.text_input(key="reg_repeat").input("a good password")
+    at.button[0].click()
+    at.run()
+    assert any("taken" in e for e in texts(at, "error"))
+    at.text_input(key="reg_name").input("dora")
+    at.text_input(key="reg_password").input("short")
+    at.text_input(key="reg_repeat").input("short")
+    at.button[0].click()
+    at.run()
+    assert any("at least 8 characters" in e for e in texts(at, "error"))
+    with pytest.raises(Exception):
+        accounts.get_user(portal, "dora")
+
+
+def test_wrong_passwords_lock_the_account_and_disabled_users_cannot_sign_in(portal):
+    at = app()
+    for _ in range(accounts.MAX_FAILED_LOGINS):
+        sign_in(at, "ada", "wrong password")
+        assert "Wrong user name or password." in texts(at, "error")
+    at = sign_in(app(), "ada")  # the right password, from a fresh session
+    assert any("Too many failed sign-ins" in e for e in texts(at, "error"))
+    assert not at.session_state["authentication_status"]
+
+    accounts.disable_user(portal, accounts.get_user(portal, "root"), "bob")
+    at = sign_in(app(), "bob")
+    assert "Wrong user name or password." in texts(at, "error")
+    assert not at.session_state["authentication_status"]
+
+
+def test_a_user_disabled_while_signed_in_loses_access_at_once(portal):
+    at = open_page(signed_in("ada"), "app_pages/projects.py")
+    assert titles(at) == ["Projects"]
+    accounts.disable_user(portal, accounts.get_user(portal, "root"), "ada")
+    at.run()
+    assert "Projects" not in titles(at)
+    assert any("disabled" in e for e in texts(at, "error"))
+
+
+def test_sign_out(portal):
+    at = signed_in("ada")
+    at.button(key="sign_out").click()
+    at.run()
+    assert not at.session_state["authentication_status"]
+    open_page(at, "app_pages/submit.py")
+    assert any("Sign in with a" in w for w in texts(at, "warning"))
+
+
+# -- submit ------------------------------------------------------------------------------
+
+
+def upload(at: AppTest, key: str, name: str, data: bytes, mime: str) -> AppTest:
+    at.file_uploader(key=key).set_value((name, data, mime))
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_submit_validates_on_upload_trial_runs_and_submits(portal):
+    at = open_page(signed_in("ada"), "app_pages/submit.py")
+    upload(at, "script", "bad.py", b"def main(:\n    pass\n", "text/x-python")
+    assert any("bad.py, line 1" in e and e.startswith("The script cannot be used") for e in texts(at, "error"))
+    upload(at, "dataset", "d.csv", b"x,x\n1,2\n", "text/csv")
+    assert any("duplicate column name" in e for e in texts(at, "error"))
+    assert not any(b.label.startswith("Trial run") for b in at.button)
+
+    upload(at, "script", "raises.py", fixture_bytes("raises.py"), "text/x-python")
+    data = b"x\n" + b"".join(b"%d\n" % i for i in range(1, 101))
+    upload(at, "dataset", "numbers.csv", data, "text/csv")
+    assert not texts(at, "error")
+    assert "Preview: 100 rows, 1 columns" in [s.value for s in at.subheader]
+    assert list(at.dataframe[0].value["x"]) == list(range(1, 21))
+    assert not any(b.label == "Run on the cluster" for b in at.button)  # trial first
+
+    at.text_input(key="title").input("divisible by three")
+    at.button(key="trial_button").click()
+    at.run()
+    assert not at.exception, at.exception
+    trial = at.dataframe[1].value
+    assert list(trial["row"]) == [0, 1, 2, 3, 4]
+    assert list(trial["status"]) == ["succeeded", "succeeded", "failed", "succeeded", "succeeded"]
+    assert trial["error"][2] == "ValueError: row 3 is divisible by three"
+    assert list(trial["output"][:2]) == ["1", "2"]
+    assert any(i.startswith("Estimated run time on the cluster") for i in texts(at, "info"))
+
+    at.button(key="run_button").click()
+    at.run()
+    assert not at.exception, at.exception
+    with portal.session() as s:
+        stored = s.query(Project).one()
+    assert (stored.title, stored.rows_total, stored.status) == ("divisible by three", 100, "submitted")
+    assert texts(at, "success") == [f"Project {stored.id} submitted."]
+    at.run()  # a rerun does not submit the same upload twice
+    with portal.session() as s:
+        assert s.query(Project).count() == 1
+
+
+def test_trial_run_shows_an_import_time_failure(portal):
+    at = open_page(signed_in("ada"), "app_pages/submit.py")
+    upload(at, "script", "import_error.py", fixture_bytes("import_error.py"), "text/x-python")
+    upload(at, "dataset", "d.csv", b"x\n1\n", "text/csv")
+    at.button(key="trial_button").click()
+    at.run()
+    assert any("fails while it is imported" in e and "ModuleNotFoundError" in e for e in texts(at, "error"))
+    assert not any(b.label == "Run on the cluster" for b in at.button)
+
+
+# -- projects, status, cancel ---------------------------------------------------------------
+
+
+def test_projects_empty_state(portal):
+    at = open_page(signed_in("ada"), "app_pages/projects.py")
+    assert "No projects yet: submit one." in texts(at, "info")
+
+
+def test_status_after_a_project_completes(portal):
+    pid = submit(portal, "ada", rows=30)
+    complete(portal, pid, fail_every=10)
+    at = open_page(signed_in("ada"), "app_pages/projects.py")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Succeeded"] == "27" and metrics["Failed"] == "3" and metrics["Pending"] == "0"
+    assert metrics["ETA"] == "done"
+    assert "30 of 30 rows (100%)" in at.get("progress")[0].proto.text
+    assert not any(b.label == "Cancel" for b in at.button)  # nothing to cancel
+    assert at.get("vega_lite_chart"), "the rows-per-node chart is missing"
+
+
+def test_cancel_a_running_project(portal):
+    pid = submit(portal, "ada", rows=30)
+    with portal.session() as s:
+        transition_project(s, pid, ProjectStatus.RUNNING)
+    at = open_page(signed_in("ada"), "app_pages/projects.py")
+    at.button(key=f"cancel_{pid}").click()
+    at.run()
+    with portal.session() as s:
+        assert s.get(Project, pid).status == "cancelled"
+    assert not any(b.label == "Cancel" for b in at.button)
+
+
+def test_projects_list_only_own_projects_but_admins_see_all(portal):
+    submit(portal, "ada", title="ada's")
+    submit(portal, "bob", title="bob's")
+    at = open_page(signed_in("ada"), "app_pages/projects.py")
+    shown = " ".join(m.value for m in at.markdown)
+    assert "ada's" in shown and "bob's" not in shown
+    at = open_page(signed_in("root"), "app_pages/projects.py")
+    shown = " ".join(m.value for m in at.markdown)
+    assert "ada's" in shown and "bob's" in shown
+
+
+@pytest.mark.parametrize("page", ["app_pages/projects.py", "app_pages/results.py"])
+def test_another_users_project_is_not_found_like_a_missing_one(portal, page):
+    pid = submit(portal, "ada")
+    at = signed_in("bob")
+    other = texts(open_page(at, page, id=pid), "error")
+    missing = texts(open_page(at, page, id=pid + 1), "error")
+    assert other == [f"Not found: project {pid} not found"]
+    assert missing == [f"Not found: project {pid + 1} not found"]
+    assert not at.dataframe and not at.metric
+    at = open_page(signed_in("ada"), page, id=pid)
+    assert not texts(at, "error")
+
+
+# -- results ---------------------------------------------------------------------------
+
+
+def test_results_pages_filters_groups_and_offers_downloads(portal):
+    pid = submit(portal, "ada", rows=2500)
+    complete(portal, pid, fail_every=7)
+    at = open_page(signed_in("ada"), "app_pages/results.py", id=pid)
+    table = at.dataframe[0].value
+    assert list(table["row"]) == list(range(100))
+    assert list(table["in: x"][:3]) == [1, 2, 3] and table["output"][1] == "4"
+    assert table["status"][0] == "failed" and table["error"][7] == "ValueError: row 7"
+
+    at.number_input(key=f"page_{pid}_100").set_value(11)
+    at.run()
+    assert list(at.dataframe[0].value["row"]) == list(range(1000, 1100))
+
+    at.toggle(key="failed_only").set_value(True)
+    at.run()
+    failed = [i for i in range(2500) if i % 7 == 0]
+    assert list(at.dataframe[0].value["row"]) == failed[:100]
+    at.button(key=f"failed_{pid}_100_next").click()
+    at.run()
+    assert list(at.dataframe[0].value["row"]) == failed[100:200]
+    at.button(key=f"failed_{pid}_100_prev").click()
+    at.run()
+    assert list(at.dataframe[0].value["row"]) == failed[:100]
+
+    assert [e.label for e in at.expander if "rows" in e.label] == [f"ValueError: {len(failed)} rows"]
+    assert any("Traceback" in c.value for c in at.code)
+    assert {b.label for b in at.get("download_button")} == {"Download CSV", "Download JSON"}
+
+
+def test_results_without_projects_shows_the_empty_state(portal):
+    at = open_page(signed_in("ada"), "app_pages/results.py")
+    assert "No projects yet: submit one." in texts(at, "info")
+
+
+# -- leaderboard, join, admin -----------------------------------------------------------------
+
+
+def test_leaderboard_for_anonymous_visitors(portal):
+    at = open_page(app(), "app_pages/leaderboard.py")
+    assert titles(at) == ["Leaderboard"]
+    assert any("No credit earned" in i for i in texts(at, "info"))
+    assert any("median" in m.value for m in at.markdown)  # the credit rule is explained
+
+
+def test_join_shows_the_volunteers_command(portal):
+    at = open_page(signed_in("vic"), "app_pages/join.py")
+    command = at.code[0].value
+    assert "ray start --address=" in command and "RAY_AUTH_MODE=token" in command
+
+
+def test_admin_disables_users_and_cancels_projects(portal):
+    pid = submit(portal, "ada")
+    at = open_page(signed_in("root"), "app_pages/admin.py")
+    at.selectbox(key="disable_name").set_value("bob")
+    at.button[0].click()
+    at.run()
+    assert accounts.get_user(portal, "bob").disabled
+    at.selectbox(key="cancel_choice").set_value(next(
+        o for o in at.selectbox(key="cancel_choice").options if o.startswith(f"#{pid}")))
+    [b for b in at.button if b.label == "Cancel project"][0].click()
+    at.run()
+    with portal.session() as s:
+        assert s.get(Project, pid).status == "cancelled"
