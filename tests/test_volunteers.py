@@ -1,0 +1,360 @@
+"""Volunteers on a real multi-node Ray cluster, all on this machine.
+
+The engine starts the head. alice's and bob's machines join by running the exact text of
+their join commands, each in its own session, from an empty working directory, with an
+environment that does not hold the repository (as on a volunteer's machine): the workers
+there get the ``engine`` package only because the dispatcher ships it with the job. A
+third node uses alice's name with a wrong signature, and a fourth the wrong token.
+
+One cluster serves the whole module; the test that stops bob's node runs last.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from conftest import ROOT, fixture_bytes, free_port, short_tempdir, write_token
+from engine import accounts, credit, nodes, projects
+from engine.accounts import Role
+from engine.export import export_results
+from engine.models import Project, Task
+from engine.settings import Settings
+from engine.status import ProjectStatus
+from engine.store import Store
+
+pytestmark = pytest.mark.slow
+
+JOIN_SECONDS = 120
+WRONG_TOKEN_SECONDS = 90   # Ray gives up after about 20 s; allow for a loaded machine
+SYNC_SECONDS = 2.0
+
+
+@dataclass
+class VolunteerNode:
+    name: str
+    directory: Path
+    process: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Kill the node's whole process group (ray start, raylet, workers)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=30)
+
+
+@dataclass
+class VolunteerCluster:
+    settings: Settings
+    store: Store
+    nodes: dict[str, VolunteerNode] = field(default_factory=dict)
+    node_ids: dict[str, str] = field(default_factory=dict)   # volunteer node name -> Ray node id
+    last_sync: float = 0.0
+
+    def sync(self, force: bool = False) -> None:
+        import ray
+
+        if force or time.monotonic() - self.last_sync > SYNC_SECONDS:
+            nodes.sync_registry(self.store, self.settings, ray.nodes())
+            self.last_sync = time.monotonic()
+
+
+def volunteer_env() -> dict[str, str]:
+    """A volunteer's shell: the pinned `ray` on PATH, no repository, no Ray settings.
+
+    HOME stays the real one: the sandbox's self-test rejects a HOME under /tmp (bubblewrap
+    creates its mount point inside the private /tmp, which is then not empty).
+    """
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_", "CONSTELLATION_", "PYTHON", "VIRTUAL_ENV"))}
+    env["PATH"] = f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
+    return env
+
+
+def start_node(name: str, command: str) -> VolunteerNode:
+    directory = short_tempdir(f"cv-{name}-")
+    log = directory / "node.log"
+    # Several nodes share this machine: each needs its own temp dir and dashboard agent port.
+    full = (f"{command} --num-cpus=1 --temp-dir={directory / 'ray'} "
+            f"--dashboard-agent-listen-port={free_port()} --block")
+    with open(log, "wb") as out:
+        process = subprocess.Popen(["bash", "-c", full], cwd=directory, env=volunteer_env(),
+                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    return VolunteerNode(name, directory, process, log)
+
+
+def replace_label(command: str, key: str, value: str) -> str:
+    return re.sub(rf"{key}=[^,\s']+", f"{key}={value}", command)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+
+    from engine.cluster import LocalHead
+
+    ray.shutdown()  # this process may be connected to the session's shared head
+    data_dir = short_tempdir("cv-head-")
+    write_token(data_dir)  # Ray in this process read the session's token at import
+    # The head offers one CPU so that most work goes to the volunteers. Unclaimed nodes run
+    # no work (the default); tests/test_credit.py shows that their work would earn nothing.
+    settings = Settings(data_dir=str(data_dir), ray_port=free_port(), ray_num_cpus=1,
+                        row_timeout=30.0)
+    store = Store(settings)
+    for name in ("alice", "bob"):
+        accounts.create_user(store, name, {Role.VOLUNTEER})
+    head = LocalHead(settings)
+    state = VolunteerCluster(settings, store)
+    # Ray puts the driver's working directory on every worker's sys.path. Here the nodes
+    # share the driver's disk, so from the repository the workers would import the engine
+    # from there; elsewhere they can only get it from the job's py_modules.
+    previous_cwd = os.getcwd()
+    os.chdir(data_dir)
+    try:
+        alice = nodes.join_command(store, settings, "alice")
+        state.nodes["alice"] = start_node("alice", alice)
+        state.nodes["bob"] = start_node("bob", nodes.join_command(store, settings, "bob"))
+        state.nodes["forger"] = start_node(
+            "forger", replace_label(alice, nodes.SIGNATURE_LABEL, "1-" + "0" * 40))
+        state.nodes["badtoken"] = start_node(
+            "badtoken", re.sub(r"RAY_AUTH_TOKEN=\w+", "RAY_AUTH_TOKEN=" + "1" * 64, alice))
+        _connect_and_wait(state, expected=4)
+        yield state
+    finally:
+        for node in state.nodes.values():
+            node.stop()
+        ray.shutdown()
+        os.chdir(previous_cwd)
+        head.stop(grace=2)
+        for node in state.nodes.values():
+            shutil.rmtree(node.directory, ignore_errors=True)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _connect_and_wait(state: VolunteerCluster, expected: int) -> None:
+    import ray
+
+    from engine import cluster as engine_cluster
+
+    engine_cluster.connect(state.settings)
+    deadline = time.monotonic() + JOIN_SECONDS
+    while True:
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        if len(alive) >= expected:
+            break
+        for name in ("alice", "bob", "forger"):
+            assert state.nodes[name].process.poll() is None, \
+                f"{name}'s node exited:\n{state.nodes[name].output()[-3000:]}"
+        assert time.monotonic() < deadline, f"only {len(alive)} of {expected} nodes joined"
+        time.sleep(0.5)
+    # Tell the nodes apart by their temp dirs (every node here has the same address).
+    for n in alive:
+        temp = _node_temp_dir(n)
+        for name, node in state.nodes.items():
+            if temp and temp.startswith(str(node.directory)):
+                state.node_ids[name] = n["NodeID"]
+    state.node_ids["head"] = next(n["NodeID"] for n in alive
+                                  if n["Labels"].get(nodes.ROLE_LABEL) == "head")
+    assert set(state.node_ids) == {"head", "alice", "bob", "forger"}, state.node_ids
+    state.sync(force=True)
+
+
+def _node_temp_dir(ray_node: dict) -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(ray_node.get("ObjectStoreSocketName", ""))))
+
+
+def submit(state: VolunteerCluster, script: str, rows: int, batch_size: int) -> int:
+    data = b"x\n" + b"".join(b"%d\n" % i for i in range(rows))
+    return projects.submit_project(
+        state.store, state.settings, accounts.local_admin(state.store), title=script,
+        script_name=script, script_bytes=fixture_bytes(script), dataset_name="d.csv",
+        dataset_bytes=data, batch_size=batch_size)
+
+
+def run_to_end(state: VolunteerCluster, project_id: int, timeout: float = 240) -> None:
+    """Run the dispatcher until the project ends, syncing the registry as the dispatcher will."""
+    from engine.scheduler import Dispatcher
+
+    deadline = time.monotonic() + timeout
+
+    def ended() -> bool:
+        assert time.monotonic() < deadline, "the project did not end in time"
+        state.sync()
+        with state.store.session() as session:
+            return ProjectStatus(session.get(Project, project_id).status).is_terminal()
+
+    Dispatcher(state.store, state.settings).run(until=ended)
+    state.sync(force=True)
+
+
+def tasks_by_node(state: VolunteerCluster, project_id: int) -> dict[str, list[int]]:
+    names = {v: k for k, v in state.node_ids.items()}
+    out: dict[str, list[int]] = {}
+    with state.store.session() as session:
+        for row, node_id, status in session.execute(
+                select(Task.row_index, Task.node_id, Task.status).where(Task.project_id == project_id)):
+            assert status == "succeeded"
+            out.setdefault(names.get(node_id, node_id), []).append(row)
+    return out
+
+
+def outputs(state: VolunteerCluster, project_id: int) -> list:
+    buffer = io.StringIO()
+    export_results(state.store, accounts.local_admin(state.store), project_id, "json", buffer)
+    return [(r["row"], r["status"], r["output"]) for r in json.loads(buffer.getvalue())]
+
+
+def test_nodes_join_with_their_claims(cluster):
+    import ray
+
+    views = {v.node_id: v for v in nodes.list_nodes(cluster.store)}
+    ids = cluster.node_ids
+    assert (views[ids["alice"]].attribution, views[ids["alice"]].claimed) == ("alice", True)
+    assert (views[ids["bob"]].attribution, views[ids["bob"]].claimed) == ("bob", True)
+    forged = views[ids["forger"]]
+    assert (forged.attribution, forged.volunteer, forged.label_volunteer) == ("unclaimed", None, "alice")
+    assert views[ids["head"]].attribution == "head"
+    assert all(views[ids[n]].status == "online" and views[ids[n]].cpus == 1.0
+               for n in ("alice", "bob", "forger"))
+    # The volunteers' shells cannot import the engine: only the job's py_modules bring it.
+    probe = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", "import engine"],
+                           cwd=cluster.nodes["alice"].directory,
+                           env=volunteer_env(),
+                           capture_output=True, text=True)
+    assert "No module named 'engine'" in probe.stderr
+
+    @ray.remote(num_cpus=1)
+    def where_is_engine():
+        import engine
+
+        return ray.get_runtime_context().get_node_id(), engine.__file__
+
+    for name in ("alice", "bob"):
+        node_id, path = ray.get(where_is_engine.options(
+            label_selector={nodes.NODE_ID_LABEL: ids[name]}).remote(), timeout=120)
+        assert node_id == ids[name]
+        assert "runtime_resources" in path and not path.startswith(str(ROOT)), path
+
+
+def test_label_selector_keeps_work_off_unclaimed_nodes(cluster):
+    import ray
+
+    excluded = nodes.excluded_node_ids(cluster.store, cluster.settings)
+    assert excluded == {cluster.node_ids["forger"]}
+    assert nodes.excluded_node_ids(cluster.store, cluster.settings.replace(allow_unclaimed_nodes=True)) == set()
+
+    @ray.remote(num_cpus=1)
+    def node_of(_):
+        time.sleep(0.2)
+        return ray.get_runtime_context().get_node_id()
+
+    ran_on = set(ray.get([node_of.options(label_selector=nodes.label_selector(excluded)).remote(i)
+                          for i in range(12)], timeout=180))
+    assert ran_on and not ran_on & excluded
+    assert len(ran_on) >= 2  # excluding is not pinning: several nodes share the work
+
+
+def test_project_runs_on_both_volunteers_and_credit_follows_their_tasks(cluster):
+    pid = submit(cluster, "busy_square.py", rows=48, batch_size=2)
+    run_to_end(cluster, pid)
+    assert outputs(cluster, pid) == [(i, "succeeded", i * i) for i in range(48)]
+    by_node = tasks_by_node(cluster, pid)
+    assert by_node.get("alice") and by_node.get("bob"), by_node
+    assert "forger" not in by_node  # the dispatcher keeps work off the unclaimed node
+    assert sum(len(rows) for rows in by_node.values()) == 48
+    credit.refresh(cluster.store, force=True)
+    with cluster.store.session() as session:
+        median, accepted = credit.project_median(session, pid)
+    assert accepted == 48 and median > 0
+    board = {r.volunteer: r for r in credit.leaderboard(cluster.store, "all")}
+    assert set(board) == {"alice", "bob"}  # the forger and the head earn nothing
+    for name in ("alice", "bob"):
+        assert board[name].tasks == len(by_node[name])
+        assert board[name].credit == pytest.approx(len(by_node[name]) * median, rel=1e-6)
+        assert board[name].nodes == 1
+    views = {v.node_id: v for v in nodes.list_nodes(cluster.store)}
+    for name, rows in by_node.items():
+        assert views[cluster.node_ids[name]].tasks_completed == len(rows)
+    assert views[cluster.node_ids["forger"]].attribution == "unclaimed"
+
+
+def test_wrong_token_fails_to_join(cluster):
+    import ray
+
+    node = cluster.nodes["badtoken"]
+    try:
+        code = node.process.wait(timeout=WRONG_TOKEN_SECONDS)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a node with the wrong token was still running after {WRONG_TOKEN_SECONDS} s")
+    assert code != 0
+    assert "AuthenticationError" in node.output(), node.output()[-2000:]
+    assert not any(_node_temp_dir(n).startswith(str(node.directory)) for n in ray.nodes())
+
+
+def test_stopped_node_goes_offline_and_its_rows_finish_elsewhere(cluster):
+    bob = cluster.nodes["bob"]
+    bob_id = cluster.node_ids["bob"]
+    pid = submit(cluster, "busy_square.py", rows=40, batch_size=2)
+    stopped: list[int] = []   # rows done when bob's node was stopped
+
+    def stop_bob_once_he_has_worked():
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            with cluster.store.session() as session:
+                done = session.execute(select(Task.row_index).where(
+                    Task.project_id == pid, Task.node_id == bob_id)).first()
+            if done:
+                bob.stop()
+                with cluster.store.session() as session:
+                    stopped.append(session.get(Project, pid).rows_succeeded)
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=stop_bob_once_he_has_worked)
+    killer.start()
+    run_to_end(cluster, pid, timeout=300)
+    killer.join()
+    assert stopped, "bob's node never completed a row"
+    assert stopped[0] < 40, "bob's node was stopped only after the project was done"
+    assert outputs(cluster, pid) == [(i, "succeeded", i * i) for i in range(40)]
+    with cluster.store.session() as session:
+        project = session.get(Project, pid)
+        assert (project.status, project.rows_succeeded, project.rows_failed) == ("complete", 40, 0)
+        stored = session.execute(select(Task.row_index).where(Task.project_id == pid)).scalars().all()
+    assert sorted(stored) == list(range(40))  # none lost, none twice
+    by_node = tasks_by_node(cluster, pid)
+    assert set(by_node) - {"bob"}, "no other node finished the rows"
+    # Ray declares the node dead after its health checks fail; then the registry follows.
+    deadline = time.monotonic() + 90
+    while True:
+        cluster.sync(force=True)
+        view = {v.node_id: v for v in nodes.list_nodes(cluster.store)}[bob_id]
+        if view.status == "offline":
+            break
+        assert time.monotonic() < deadline, "bob's node is still listed online"
+        time.sleep(1)
+    assert view.volunteer == "bob" and view.tasks_completed >= len(by_node.get("bob", []))
+    board = {r.volunteer: r for r in credit.leaderboard(cluster.store, "all")}
+    with cluster.store.session() as session:
+        bob_total = session.execute(select(Task.row_index).where(
+            Task.node_id == bob_id, Task.status == "succeeded")).all()
+    assert board["bob"].tasks == len(bob_total)
