@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--owner", help="user name (default: the local admin account)")
     submit.add_argument("--batch-size", type=int)
     submit.add_argument("--row-timeout", type=float)
+    submit.add_argument("--replication", type=int,
+                        help="volunteers that must agree on each row (default: the setting, 2)")
+    submit.add_argument("--comparison", choices=("exact", "numeric"), default="exact")
+    submit.add_argument("--tolerance", type=float, default=1e-9,
+                        help="relative tolerance of the numeric comparison")
     submit.add_argument("--wait", action="store_true",
                         help="block until the project ends; exit 0 if complete, 1 otherwise")
 
@@ -129,7 +134,8 @@ def _submit(args, settings: Settings) -> int:
         description=args.description, script_name=args.script.name,
         script_bytes=args.script.read_bytes(), dataset_name=args.dataset.name,
         dataset_bytes=args.dataset.read_bytes(), batch_size=args.batch_size,
-        row_timeout=args.row_timeout)
+        row_timeout=args.row_timeout, replication=args.replication, comparison=args.comparison,
+        tolerance=args.tolerance)
     print(project_id, flush=True)
     if not args.wait:
         return 0

@@ -4,9 +4,10 @@ Neither format holds the result set in memory: rows and results are read in orde
 chunk at a time, and written as they come. Outputs are stored as JSON text, so the JSON
 export copies them without parsing.
 
-JSON: ``[{"row": 0, "status": "succeeded", "output": ..., "error": null}, ...]``.
-CSV: the dataset's columns, then the output (a dict output expands into one column per
-key, in order of first appearance), then ``error``.
+JSON: ``[{"row": 0, "status": "succeeded", "output": ..., "error": null,
+"verification": "verified"}, ...]``. CSV: the dataset's columns, then the output (a dict
+output expands into one column per key, in order of first appearance), then ``error``,
+then ``verification``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _rows(store: Store, project: Project) -> Iterator[tuple[int, list, tuple | N
             .where(DatasetChunk.project_id == project.id).order_by(DatasetChunk.start_row)
             .execution_options(yield_per=16))
         tasks = tasks_session.execute(
-            select(Task.row_index, Task.status, Task.output, Task.error)
+            select(Task.row_index, Task.status, Task.output, Task.error, Task.verification)
             .where(Task.project_id == project.id).order_by(Task.row_index)
             .execution_options(yield_per=_YIELD))
         task = next(tasks, None)
@@ -73,11 +74,13 @@ def _write_json(store: Store, project: Project, out: TextIO) -> None:
     first = True
     for index, _values, task in _rows(store, project):
         if task is None:
-            status, output, error = TaskStatus.PENDING.value, "null", "null"
+            status, output, error, verification = TaskStatus.PENDING.value, "null", "null", "null"
         else:
             status, output, error = task[1], task[2] or "null", dumps(task[3])
+            verification = f'"{task[4]}"'
         out.write(("" if first else ",\n") +
-                  f'{{"row": {index}, "status": "{status}", "output": {output}, "error": {error}}}')
+                  f'{{"row": {index}, "status": "{status}", "output": {output}, "error": {error}, '
+                  f'"verification": {verification}}}')
         first = False
     out.write("]\n")
 
@@ -118,7 +121,7 @@ def _write_csv(store: Store, project: Project, columns: list[str], out: TextIO) 
     else:
         output_columns = [key if key not in taken else f"output.{key}" for key in keys]
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(columns + output_columns + ["error"])
+    writer.writerow(columns + output_columns + ["error", "verification"])
     for _index, values, task in _rows(store, project):
         cells = [_cell(v) for v in values]
         if task is None or task[2] is None:
@@ -129,4 +132,4 @@ def _write_csv(store: Store, project: Project, columns: list[str], out: TextIO) 
             output = json.loads(task[2])
             outputs = [_cell(output.get(k)) for k in keys] if isinstance(output, dict) \
                 else [""] * len(keys)
-        writer.writerow(cells + outputs + [task[3] or "" if task is not None else ""])
+        writer.writerow(cells + outputs + ([task[3] or "", task[4]] if task is not None else ["", ""]))

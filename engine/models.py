@@ -65,6 +65,16 @@ class Project(Base):
     error_traceback: Mapped[str | None] = mapped_column(Text, nullable=True)
     # 1 for the first run; each "re-run failed rows" starts the next attempt.
     attempt: Mapped[int] = mapped_column(Integer, default=1)
+    # Verification (engine.verification): how many volunteers must agree on each row.
+    replication: Mapped[int] = mapped_column(Integer, default=1)
+    max_replicas: Mapped[int] = mapped_column(Integer, default=1)
+    comparison: Mapped[str] = mapped_column(String(16), default="exact")
+    tolerance: Mapped[float] = mapped_column(Float, default=1e-9)
+    rows_verified: Mapped[int] = mapped_column(Integer, default=0)
+    rows_inconclusive: Mapped[int] = mapped_column(Integer, default=0)
+    executions: Mapped[int] = mapped_column(Integer, default=0)
+    # What the dispatcher wants the researcher to know, e.g. "waiting for 1 more volunteer".
+    notice: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -104,6 +114,27 @@ class Task(Base):
     node_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     cpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     finished_at: Mapped[float] = mapped_column(Float)
+    verification: Mapped[str] = mapped_column(String(20), default="unverified")
+
+
+class Replica(Base):
+    """One volunteer's result for a row of a replicated project; every candidate is kept."""
+
+    __tablename__ = "replicas"
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), primary_key=True)
+    row_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    party: Mapped[str] = mapped_column(String(64), primary_key=True)  # volunteer name, or "head"
+    node_id: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    output: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    traceback: Mapped[str | None] = mapped_column(Text, nullable=True)
+    cpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    finished_at: Mapped[float] = mapped_column(Float)
+    # None until the row is decided; then whether this replica was on the winning side.
+    agreed: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
 
 
 class TaskHistory(Base):

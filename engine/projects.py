@@ -49,6 +49,11 @@ class ProjectStatusView:
     eta_seconds: float | None
     error: str | None
     error_traceback: str | None
+    replication: int
+    rows_verified: int
+    rows_inconclusive: int
+    executions_per_task: float | None
+    notice: str | None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +70,9 @@ def check_upload(settings: Settings, script_name: str, script_bytes: bytes,
 def submit_project(store: Store, settings: Settings, actor: User, *, title: str,
                    script_name: str, script_bytes: bytes, dataset_name: str,
                    dataset_bytes: bytes, description: str = "", batch_size: int | None = None,
-                   row_timeout: float | None = None) -> int:
+                   row_timeout: float | None = None, replication: int | None = None,
+                   comparison: str = "exact", tolerance: float = 1e-9,
+                   max_replicas: int | None = None) -> int:
     """Check and store a new project; returns its id. Raises before storing anything if invalid."""
     require_role(actor, Role.RESEARCHER)
     script, dataset = check_upload(settings, script_name, script_bytes, dataset_name, dataset_bytes)
@@ -76,6 +83,16 @@ def submit_project(store: Store, settings: Settings, actor: User, *, title: str,
     row_timeout = settings.row_timeout if row_timeout is None else float(row_timeout)
     if not 0 < row_timeout <= 24 * 3600:
         raise InvalidRequest("row timeout must be between 0 and 86400 seconds")
+    replication = settings.replication if replication is None else int(replication)
+    if not 1 <= replication <= 10:
+        raise InvalidRequest("replication must be between 1 and 10")
+    max_replicas = replication + 2 if max_replicas is None else int(max_replicas)
+    if max_replicas < replication:
+        raise InvalidRequest("max_replicas cannot be below replication")
+    if comparison not in ("exact", "numeric"):
+        raise InvalidRequest("comparison must be 'exact' or 'numeric'")
+    if not 0 <= float(tolerance) < 1:
+        raise InvalidRequest("tolerance must be a relative tolerance between 0 and 1")
     title = (title or script_name).strip()[:200]
     with store.session() as session:
         project = Project(
@@ -84,7 +101,9 @@ def submit_project(store: Store, settings: Settings, actor: User, *, title: str,
             script_source=script.source, script_sha256=script.sha256,
             dataset_name=dataset.name, dataset_format=dataset.format,
             columns_json=json.dumps(dataset.columns), rows_total=len(dataset),
-            batch_size=batch_size, row_timeout=row_timeout, created_at=time.time())
+            batch_size=batch_size, row_timeout=row_timeout, replication=replication,
+            max_replicas=max_replicas, comparison=comparison, tolerance=float(tolerance),
+            created_at=time.time())
         session.add(project)
         session.flush()
         rows = dataset.rows
@@ -119,7 +138,12 @@ def _view(project: Project, owner: str) -> ProjectStatusView:
         rows_failed=project.rows_failed, rows_pending=pending,
         created_at=_iso(project.created_at), started_at=_iso(project.started_at),
         finished_at=_iso(project.finished_at), elapsed_seconds=elapsed, rows_per_second=rate,
-        eta_seconds=eta, error=project.error, error_traceback=project.error_traceback)
+        eta_seconds=eta, error=project.error, error_traceback=project.error_traceback,
+        replication=project.replication, rows_verified=project.rows_verified,
+        rows_inconclusive=project.rows_inconclusive,
+        executions_per_task=(project.executions / done
+                             if project.replication > 1 and done else None),
+        notice=project.notice)
 
 
 def project_status(store: Store, actor: User, project_id: int) -> ProjectStatusView:

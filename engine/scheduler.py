@@ -20,6 +20,7 @@ and the project cannot complete before they are.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -37,9 +38,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from engine import cluster, nodes
 from engine.batching import BatchSizer
 from engine.executor import Limits
-from engine.models import DatasetChunk, DispatcherLease, Project, Task
+from engine import verification
+from engine.models import DatasetChunk, DispatcherLease, Project, Replica, Task
+from engine.replication import ReplicaTracker
+from engine.verification import Comparison
 from engine.settings import Settings
-from engine.status import ProjectStatus, RowResult, record_results, transition_project
+from engine.status import (ProjectStatus, RowResult, decide_rows, record_replicas, record_results,
+                           transition_project)
 from engine.store import Store
 
 logger = logging.getLogger(__name__)
@@ -80,6 +85,9 @@ class _Batch:
     end: int
     attempt: int = 1
     copy: bool = False  # a speculative duplicate of a straggler at the tail
+    # Replicated projects: an explicit set of rows, kept off the volunteers already used.
+    rows: tuple[int, ...] | None = None
+    exclude_parties: frozenset = frozenset()
 
     @property
     def key(self) -> tuple[int, int]:
@@ -103,6 +111,10 @@ class _Run:
     cannot_import: dict = field(default_factory=dict)  # node id -> the script's import error
     duplicated: set = field(default_factory=set)      # batch keys already copied at the tail
     finished: set = field(default_factory=set)        # batch keys whose results are stored
+    script_sha256: str = ""
+    replicas: ReplicaTracker | None = None            # None when replication is 1
+    followups: deque = field(default_factory=deque)   # replica batches ready to dispatch
+    notice: str | None = None
 
     def remaining(self) -> int:
         return sum(end - start for start, end in self.todo)
@@ -119,6 +131,8 @@ class Dispatcher:
         self._max_inflight = 4
         self._alive_nodes: set[str] = set()
         self._excluded_nodes: set[str] = set()   # unclaimed nodes, unless the admin allows them
+        self._party_of: dict[str, str] = {}       # node id -> volunteer name, or "head"
+        self._nodes_of: dict[str, set[str]] = {}  # volunteer name or "head" -> its node ids
         self._last_registry_sync = 0.0
         self._head_lost_since: float | None = None
         self._unstored: list[tuple[_Run, list[RowResult], str | None]] = []
@@ -213,9 +227,7 @@ class Dispatcher:
         self._alive_nodes = {n["NodeID"] for n in ray_nodes
                              if n.get("Alive") and n.get("Resources", {}).get("CPU")}
         if time.monotonic() - self._last_registry_sync > _REGISTRY_SECONDS:
-            nodes.sync_registry(self.store, self.settings, ray_nodes)
-            self._excluded_nodes = nodes.excluded_node_ids(self.store, self.settings)
-            self._last_registry_sync = time.monotonic()
+            self._sync_registry(ray_nodes)
         usable = self._alive_nodes - self._excluded_nodes
         cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in ray_nodes
                    if n["NodeID"] in usable)
@@ -233,6 +245,43 @@ class Dispatcher:
         for pid, status in active:
             if pid not in self._runs:
                 self._start(pid)
+        for run in self._runs.values():
+            if run.replicas is not None:
+                self._update_notice(run)
+
+    def _sync_registry(self, ray_nodes: list[dict]) -> None:
+        nodes.sync_registry(self.store, self.settings, ray_nodes)
+        self._excluded_nodes = nodes.excluded_node_ids(self.store, self.settings)
+        with self.store.session() as session:
+            # A party is who answers for a node's results: its verified volunteer, or the
+            # head. Unclaimed nodes belong to nobody and never count towards a quorum.
+            self._party_of = {
+                node_id: (nodes.HEAD if role == nodes.HEAD else volunteer)
+                for node_id, role, volunteer, claimed in session.execute(
+                    select(nodes.Node.node_id, nodes.Node.role, nodes.Node.volunteer,
+                           nodes.Node.claimed))
+                if role == nodes.HEAD or (claimed and volunteer)}
+        self._nodes_of = {}
+        for node_id, party in self._party_of.items():
+            self._nodes_of.setdefault(party, set()).add(node_id)
+        self._last_registry_sync = time.monotonic()
+
+    def _parties_online(self) -> set[str]:
+        return {self._party_of[n] for n in self._alive_nodes - self._excluded_nodes
+                if n in self._party_of}
+
+    def _update_notice(self, run: _Run) -> None:
+        missing = run.replicas.replication - len(self._parties_online())
+        notice = (f"waiting for {missing} more volunteer{'s' if missing > 1 else ''}"
+                  if missing > 0 else None)
+        if notice != run.notice:
+            run.notice = notice
+            with self.store.session() as session:
+                session.execute(update(Project).where(Project.id == run.project_id)
+                                .values(notice=notice))
+            if notice:
+                logger.warning("project %s: %s (replication %d)", run.project_id, notice,
+                               run.replicas.replication)
 
     def _start(self, project_id: int) -> None:
         import ray
@@ -259,7 +308,13 @@ class Dispatcher:
                               sandbox=self.settings.sandbox,
                               hidden_paths=(str(self.settings.data_path),)),
                 source_ref=ray.put(project.script_source),
-                todo=deque(todo))
+                todo=deque(todo), script_sha256=project.script_sha256)
+            if project.replication > 1:
+                run.replicas = ReplicaTracker(
+                    replication=project.replication, max_replicas=project.max_replicas,
+                    comparison=Comparison(project.comparison), tolerance=project.tolerance,
+                    spot_check_rate=self.settings.spot_check_rate)
+                self._recover_replicas(session, run)
             if not todo:
                 # Every row was stored before a restart; only the completion was missing.
                 transition_project(session, project_id, ProjectStatus.COMPLETE)
@@ -270,6 +325,30 @@ class Dispatcher:
         remaining = sum(e - s for s, e in todo)
         logger.info("project %s: dispatching %d rows (%s batches)", project_id, remaining,
                     f"fixed {run.sizer.fixed}-row" if run.sizer.fixed else "adaptive")
+
+    def _recover_replicas(self, session, run: _Run) -> None:
+        """After a restart: rows with some replicas but no decision resume where they were."""
+        replicas = session.execute(
+            select(Replica).where(Replica.project_id == run.project_id, Replica.agreed.is_(None))
+        ).scalars().all()
+        if not replicas:
+            return
+        rows = set()
+        for r in replicas:
+            result = RowResult(r.row_index, r.status == "succeeded", r.output, r.error,
+                               r.traceback, r.cpu_seconds)
+            run.replicas.add(r.party, r.node_id, [result])
+            rows.add(r.row_index)
+        # Those rows are not dispatched from scratch again; their next replicas are follow-ups.
+        remaining = []
+        for start, end in run.todo:
+            remaining += _missing_ranges(iter(sorted(i for i in rows if start <= i < end)), end,
+                                         first=start)
+        run.todo = deque(remaining)
+        for row in rows:
+            run.replicas.requeue(run.replicas.parties(row), [row])
+        logger.info("project %s: %d rows resume with the replicas stored before", run.project_id,
+                    len(rows))
 
     def _inflight_count(self) -> int:
         return sum(len(run.inflight) for run in self._runs.values())
@@ -282,11 +361,14 @@ class Dispatcher:
             for _ in range(len(self._owner_cycle)):
                 owner = self._owner_cycle[0]
                 self._owner_cycle.rotate(-1)
-                runs = [r for r in self._runs.values() if r.owner_id == owner and r.todo]
+                runs = [r for r in self._runs.values() if r.owner_id == owner and self._has_work(r)]
                 if not runs:
                     continue
                 run = min(runs, key=lambda r: len(r.inflight))
-                self._dispatch(run, _Batch(run.project_id, *self._next_range(run)))
+                if run.followups:
+                    self._dispatch(run, run.followups.popleft())
+                else:
+                    self._dispatch(run, _Batch(run.project_id, *self._next_range(run)))
                 dispatched = True
                 free -= 1
                 if free <= 0:
@@ -298,6 +380,17 @@ class Dispatcher:
         self._owner_cycle = deque(o for o in self._owner_cycle
                                   if any(r.owner_id == o for r in self._runs.values()))
 
+    def _has_work(self, run: _Run) -> bool:
+        if run.replicas is not None:
+            online = self._parties_online()
+            for used, rows in run.replicas.take_followups(online):
+                size = max(1, run.sizer.next_size(len(rows), 1))
+                for start in range(0, len(rows), size):
+                    chunk = tuple(rows[start:start + size])
+                    run.followups.append(_Batch(run.project_id, chunk[0], chunk[-1] + 1,
+                                                rows=chunk, exclude_parties=used))
+        return bool(run.todo or run.followups)
+
     def _duplicate_stragglers(self, free: int) -> None:
         """With cores idle and 90% of a project done, run its in-flight batches a second time.
 
@@ -306,7 +399,7 @@ class Dispatcher:
         project, and no row is counted or credited twice.
         """
         for run in self._runs.values():
-            if run.todo or not run.inflight:
+            if run.todo or not run.inflight or run.replicas is not None:
                 continue
             with self.store.session() as session:
                 project = session.get(Project, run.project_id)
@@ -335,9 +428,15 @@ class Dispatcher:
 
     def _dispatch(self, run: _Run, batch: _Batch) -> None:
         rows = self._rows(run, batch.start, batch.end)
+        if batch.rows is not None:
+            wanted = set(batch.rows)
+            rows = [row for row in rows if row[0] in wanted]
         payload = pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
         remote = self._remote
-        selector = nodes.label_selector(self._excluded_nodes | set(run.cannot_import))
+        excluded = self._excluded_nodes | set(run.cannot_import)
+        for party in batch.exclude_parties:
+            excluded |= self._nodes_of.get(party, set())
+        selector = nodes.label_selector(excluded)
         if selector:
             # Keep the batch off unclaimed nodes and nodes that cannot import the script,
             # without pinning it to any node.
@@ -406,10 +505,53 @@ class Dispatcher:
         if outcome.script_error is not None:
             self._script_failed_on(run, batch, node_id, outcome)
             return
+        if run.replicas is not None:
+            self._replicated(run, batch, node_id, outcome.results)
+            return
         self._store(run, outcome.results, node_id)
         returned = sorted(r.row_index for r in outcome.results)
         for start, end in reversed(_missing_ranges(returned, batch.end, first=batch.start)):
             run.todo.appendleft((start, end))
+        self._maybe_finish(run)
+
+    def _replicated(self, run: _Run, batch: _Batch, node_id: str, results: list[RowResult]) -> None:
+        """A volunteer's replica of some rows came back: keep it, decide what can be decided."""
+        party = self._party_of.get(node_id)
+        if party is None:
+            import ray
+
+            self._sync_registry(ray.nodes())  # a node that joined a moment ago
+            party = self._party_of.get(node_id)
+        rows = [r.row_index for r in results]
+        if party is None or party in batch.exclude_parties:
+            # An unclaimed node, or a volunteer already used for these rows: it cannot count.
+            logger.warning("project %s: results from node %s cannot count towards a quorum",
+                           run.project_id, node_id[:12])
+            run.replicas.requeue(batch.exclude_parties, rows)
+            return
+        trust_cache: dict[str, bool] = {}
+        with self.store.session() as session:
+            def is_trusted(volunteer: str) -> bool:
+                if volunteer not in trust_cache:
+                    trust_cache[volunteer] = volunteer != nodes.HEAD and verification.trusted(
+                        session, volunteer, run.script_sha256)
+                return trust_cache[volunteer]
+
+            record_replicas(session, run.project_id, party, node_id, results)
+            touched = run.replicas.add(party, node_id, results)
+            decided = run.replicas.evaluate(touched, self._parties_online(), is_trusted)
+            decide_rows(session, run.project_id, decided)
+            for result, _node, how, agreeing, every in decided:
+                if how == verification.Verification.BY_TRUST.value:
+                    continue
+                for volunteer in every:
+                    if volunteer != nodes.HEAD:
+                        verification.update_trust(session, volunteer, run.script_sha256,
+                                                  volunteer in agreeing)
+        returned = {r.row_index for r in results}
+        lost = [i for i in (batch.rows or range(batch.start, batch.end)) if i not in returned]
+        if lost:
+            run.replicas.requeue(batch.exclude_parties, lost)
         self._maybe_finish(run)
 
     def _script_failed_on(self, run: _Run, batch: _Batch, node_id: str, outcome) -> None:
@@ -434,13 +576,13 @@ class Dispatcher:
         if batch.attempt < self.settings.max_batch_attempts:
             logger.warning("project %s: batch %d-%d failed (attempt %d): %s; dispatching again",
                            run.project_id, batch.start, batch.end, batch.attempt, reason)
-            self._dispatch(run, _Batch(run.project_id, batch.start, batch.end, batch.attempt + 1))
+            self._dispatch(run, dataclasses.replace(batch, attempt=batch.attempt + 1, copy=False))
             return
         logger.error("project %s: batch %d-%d failed %d times: %s; failing its rows",
                      run.project_id, batch.start, batch.end, batch.attempt, reason)
         error = f"NodeFailure: the batch holding this row failed {batch.attempt} times: {reason}"
         self._store(run, [RowResult(i, False, None, error, None, 0.0)
-                          for i in range(batch.start, batch.end)], None)
+                          for i in (batch.rows or range(batch.start, batch.end))], None)
         self._maybe_finish(run)
 
     def _store(self, run: _Run, results: list[RowResult], node_id: str | None) -> None:
@@ -470,6 +612,8 @@ class Dispatcher:
 
     def _maybe_finish(self, run: _Run) -> None:
         if run.todo or run.inflight or any(r is run for r, _, _ in self._unstored):
+            return
+        if run.followups or (run.replicas is not None and run.replicas.waiting_rows()):
             return
         self._runs.pop(run.project_id, None)
         logger.info("project %s: all rows dispatched and stored", run.project_id)

@@ -81,6 +81,11 @@ SETTINGS: tuple[Setting, ...] = (
             "How often a batch whose worker or node died is dispatched again before its rows fail."),
     Setting("lease_seconds", 15.0, float,
             "How long a dispatcher's lease on the store lasts without renewal."),
+    Setting("replication", 2, int,
+            "Default number of different volunteers that must agree on each row (1: no "
+            "verification; results are marked unverified)."),
+    Setting("spot_check_rate", 0.1, float,
+            "Probability that a row run by a trusted volunteer is still replicated."),
     Setting("systematic_failure_rows", 20, int,
             "Stop a project as failed when its first N completed rows all raised the same "
             "exception type (0 disables)."),
@@ -117,6 +122,8 @@ class Settings:
     allow_unsandboxed: bool = False
     max_batch_attempts: int = 3
     lease_seconds: float = 15.0
+    replication: int = 2
+    spot_check_rate: float = 0.1
     systematic_failure_rows: int = 20
     head_policy: str = "restart"
     log_level: str = "INFO"

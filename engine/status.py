@@ -107,16 +107,23 @@ class RowResult(NamedTuple):
 
 
 _INSERT_TASK = ("INSERT INTO tasks (project_id, row_index, status, output, error, traceback, "
-                "node_id, cpu_seconds, finished_at) VALUES ({}) ON CONFLICT DO NOTHING")
+                "node_id, cpu_seconds, finished_at, verification) VALUES ({}) "
+                "ON CONFLICT DO NOTHING")
+_INSERT_REPLICA = ("INSERT INTO replicas (project_id, row_index, party, node_id, status, output, "
+                   "error, traceback, cpu_seconds, finished_at) VALUES ({}) ON CONFLICT DO NOTHING")
 
 
-def _insert_sql(session: Session) -> str:
-    marker = "?" if session.get_bind().dialect.paramstyle == "qmark" else "%s"
-    return _INSERT_TASK.format(", ".join([marker] * 9))
+def _marker(session: Session) -> str:
+    return "?" if session.get_bind().dialect.paramstyle == "qmark" else "%s"
+
+
+def _sql(session: Session, template: str, columns: int) -> str:
+    return template.format(", ".join([_marker(session)] * columns))
 
 
 def record_results(session: Session, project_id: int, results: Sequence[RowResult],
-                   node_id: str | None, *, systematic_rows: int = 0) -> tuple[int, int]:
+                   node_id: str | None, *, systematic_rows: int = 0,
+                   verification: str = "unverified") -> tuple[int, int]:
     """Store row outcomes, bump the project's counters, and complete it when every row is in.
 
     A row that already has a result keeps it (a retried or duplicated batch cannot count a
@@ -129,26 +136,17 @@ def record_results(session: Session, project_id: int, results: Sequence[RowResul
         text("SELECT status FROM projects WHERE id = :p"), {"p": project_id}).scalar_one_or_none()
     if status != ProjectStatus.RUNNING.value:
         return (0, 0)
-    now = time.time()
-    sql = _insert_sql(session)
-    connection = session.connection()
-    stored = []
-    # Plain tuples through the driver's executemany: the named-parameter path of SQLAlchemy
-    # costs several microseconds per row, which bounds a million-row project.
-    for outcome, keep in ((TaskStatus.SUCCEEDED.value, True), (TaskStatus.FAILED.value, False)):
-        subset = [(project_id, r[0], outcome, r[2], r[3], r[4], node_id, r[5], now)
-                  for r in results if bool(r[1]) is keep]
-        if not subset:
-            stored.append(0)
-            continue
-        cursor = connection.exec_driver_sql(sql, subset)
-        stored.append(max(cursor.rowcount, 0))
-    succeeded, failed = stored
+    succeeded, failed = _insert_tasks(session, project_id, [(r, node_id) for r in results],
+                                      verification)
     if succeeded or failed:
+        verified = succeeded + failed if verification in _ACCEPTED else 0
         session.execute(
             update(Project).where(Project.id == project_id).values(
                 rows_succeeded=Project.rows_succeeded + succeeded,
                 rows_failed=Project.rows_failed + failed,
+                rows_verified=Project.rows_verified + verified,
+                rows_inconclusive=Project.rows_inconclusive + (
+                    succeeded + failed if verification == "inconclusive" else 0),
             )
         )
     total, ok, bad = session.execute(
@@ -159,6 +157,85 @@ def record_results(session: Session, project_id: int, results: Sequence[RowResul
     if ok + bad >= total:
         transition_project(session, project_id, ProjectStatus.COMPLETE)
     return succeeded, failed
+
+
+_ACCEPTED = ("verified", "verified-by-trust")
+
+
+def _insert_tasks(session: Session, project_id: int, rows: Sequence[tuple[RowResult, str | None]],
+                  verification: str) -> tuple[int, int]:
+    now = time.time()
+    sql = _sql(session, _INSERT_TASK, 10)
+    connection = session.connection()
+    stored = []
+    # Plain tuples through the driver's executemany: the named-parameter path of SQLAlchemy
+    # costs several microseconds per row, which bounds a million-row project.
+    for outcome, keep in ((TaskStatus.SUCCEEDED.value, True), (TaskStatus.FAILED.value, False)):
+        subset = [(project_id, r[0], outcome, r[2], r[3], r[4], node, r[5], now, verification)
+                  for r, node in rows if bool(r[1]) is keep]
+        if not subset:
+            stored.append(0)
+            continue
+        cursor = connection.exec_driver_sql(sql, subset)
+        stored.append(max(cursor.rowcount, 0))
+    return stored[0], stored[1]
+
+
+def record_replicas(session: Session, project_id: int, party: str, node_id: str,
+                    results: Sequence[RowResult]) -> int:
+    """Keep one volunteer's results for rows of a replicated project; returns how many were new."""
+    now = time.time()
+    rows = [(project_id, r[0], party, node_id,
+             TaskStatus.SUCCEEDED.value if r[1] else TaskStatus.FAILED.value,
+             r[2], r[3], r[4], r[5], now) for r in results]
+    if not rows:
+        return 0
+    cursor = session.connection().exec_driver_sql(_sql(session, _INSERT_REPLICA, 10), rows)
+    added = max(cursor.rowcount, 0)
+    session.execute(update(Project).where(Project.id == project_id).values(
+        executions=Project.executions + added))
+    return added
+
+
+def decide_rows(session: Session, project_id: int,
+                decided: Sequence[tuple[RowResult, str | None, str, Sequence[str], Sequence[str]]]) -> None:
+    """Store the outcome of rows whose replicas were decided, and complete the project if done.
+
+    Each item is (kept result, its node, verification, parties on the winning side, every
+    party that returned a replica). The replicas are marked agreed or not, which is what
+    credit and trust go by.
+    """
+    if not decided:
+        return
+    status = session.execute(
+        text("SELECT status FROM projects WHERE id = :p"), {"p": project_id}).scalar_one_or_none()
+    if status != ProjectStatus.RUNNING.value:
+        return
+    succeeded = failed = verified = inconclusive = 0
+    for verification in {item[2] for item in decided}:
+        group = [(result, node) for result, node, v, _, _ in decided if v == verification]
+        ok, bad = _insert_tasks(session, project_id, group, verification)
+        succeeded, failed = succeeded + ok, failed + bad
+        if verification == "inconclusive":
+            inconclusive += ok + bad
+        else:
+            verified += ok + bad
+    marks = [(party in agreeing, project_id, result[0], party)
+             for result, _node, _v, agreeing, parties in decided for party in parties]
+    marker = _marker(session)
+    session.connection().exec_driver_sql(
+        f"UPDATE replicas SET agreed = {marker} WHERE project_id = {marker} "
+        f"AND row_index = {marker} AND party = {marker}", marks)
+    session.execute(update(Project).where(Project.id == project_id).values(
+        rows_succeeded=Project.rows_succeeded + succeeded,
+        rows_failed=Project.rows_failed + failed,
+        rows_verified=Project.rows_verified + verified,
+        rows_inconclusive=Project.rows_inconclusive + inconclusive))
+    total, ok_rows, bad_rows = session.execute(
+        text("SELECT rows_total, rows_succeeded, rows_failed FROM projects WHERE id = :p"),
+        {"p": project_id}).one()
+    if ok_rows + bad_rows >= total:
+        transition_project(session, project_id, ProjectStatus.COMPLETE)
 
 
 def _stop_if_systematic(session: Session, project_id: int, rows: int) -> None:

@@ -73,7 +73,8 @@ def data_dir():
 
 @pytest.fixture
 def settings(data_dir) -> Settings:
-    return Settings(data_dir=str(data_dir), row_timeout=10.0)
+    # One node here: replication 1 unless a test builds a cluster of volunteers.
+    return Settings(data_dir=str(data_dir), row_timeout=10.0, replication=1)
 
 
 @pytest.fixture
@@ -96,6 +97,7 @@ def engine_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "CONSTELLATION_"))}
     env.update({"CONSTELLATION_DATA_DIR": settings.data_dir,
                 "CONSTELLATION_RAY_PORT": str(settings.ray_port),
+                "CONSTELLATION_REPLICATION": str(settings.replication),
                 "PYTHONPATH": str(ROOT)})
     if settings.ray_num_cpus:
         env["CONSTELLATION_RAY_NUM_CPUS"] = str(settings.ray_num_cpus)

@@ -72,13 +72,15 @@ def test_submit_wait_runs_100k_rows_with_its_own_head(settings, tmp_path):
     cli(settings, "results", pid, "--format", "json", "--output", out, check=True)
     rows = json.loads(out.read_text())
     assert len(rows) == 100_000
-    assert rows[99_999] == {"row": 99_999, "status": "succeeded", "output": 99_999 ** 2, "error": None}
+    assert rows[99_999] == {"row": 99_999, "status": "succeeded", "output": 99_999 ** 2, "error": None,
+                            "verification": "unverified"}
     assert all(r["row"] == i and r["output"] == i * i for i, r in enumerate(rows))
     csv_out = tmp_path / "r.csv"
     cli(settings, "results", pid, "--format", "csv", "--output", csv_out, check=True)
     with open(csv_out, newline="") as handle:
         table = list(csv.reader(handle))
-    assert table[0] == ["x", "output", "error"] and table[-1] == ["99999", str(99_999 ** 2), ""]
+    assert table[0] == ["x", "output", "error", "verification"]
+    assert table[-1] == ["99999", str(99_999 ** 2), "", "unverified"]
     # The head the CLI started is gone: nothing of it is left running.
     leftovers = subprocess.run(["pgrep", "-f", settings.data_dir], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", leftovers.stdout

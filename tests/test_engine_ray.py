@@ -52,9 +52,11 @@ def test_every_row_runs_once_and_failures_stay_rows(store, cluster_settings):
     for r in rows:
         if r["row"] % 3 == 0:
             assert r == {"row": r["row"], "status": "failed", "output": None,
-                         "error": f"ValueError: row {r['row']} is divisible by three"}
+                         "error": f"ValueError: row {r['row']} is divisible by three",
+                         "verification": "unverified"}
         else:
-            assert r == {"row": r["row"], "status": "succeeded", "output": r["row"], "error": None}
+            assert r == {"row": r["row"], "status": "succeeded", "output": r["row"], "error": None,
+                         "verification": "unverified"}
     with store.session() as s:
         task = s.get(Task, (pid, 3))
         assert 'File "raises.py", line 3, in main' in task.traceback

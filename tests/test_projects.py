@@ -97,8 +97,8 @@ def test_json_export_format(store, settings):
     out = io.StringIO()
     export_results(store, accounts.local_admin(store), pid, "json", out)
     assert json.loads(out.getvalue()) == [
-        {"row": 0, "status": "succeeded", "output": {"a": 1}, "error": None},
-        {"row": 1, "status": "failed", "output": None, "error": "ValueError: bad"}]
+        {"row": 0, "status": "succeeded", "output": {"a": 1}, "error": None, "verification": "unverified"},
+        {"row": 1, "status": "failed", "output": None, "error": "ValueError: bad", "verification": "unverified"}]
 
 
 def test_csv_export_expands_dict_outputs(store, settings):
@@ -109,10 +109,10 @@ def test_csv_export_expands_dict_outputs(store, settings):
     out = io.StringIO()
     export_results(store, accounts.local_admin(store), pid, "csv", out)
     rows = list(csv.reader(io.StringIO(out.getvalue())))
-    assert rows == [["x", "label", "double", "output.x", "extra", "error"],
-                    ["1", "a", "2", "one", "", ""],
-                    ["2", "b", "", "", "", "ValueError: bad"],
-                    ["3", "c", "6", "", "[1, 2]", ""]]
+    assert rows == [["x", "label", "double", "output.x", "extra", "error", "verification"],
+                    ["1", "a", "2", "one", "", "", "unverified"],
+                    ["2", "b", "", "", "", "ValueError: bad", "unverified"],
+                    ["3", "c", "6", "", "[1, 2]", "", "unverified"]]
 
 
 def test_csv_export_of_scalar_outputs(store, settings):
@@ -120,7 +120,7 @@ def test_csv_export_of_scalar_outputs(store, settings):
     _finish(store, pid, [RowResult(0, True, "1", None, None, 0), RowResult(1, True, '"text"', None, None, 0)])
     out = io.StringIO()
     export_results(store, accounts.local_admin(store), pid, "csv", out)
-    assert out.getvalue() == "x,output,error\n1,1,\n2,text,\n"
+    assert out.getvalue() == "x,output,error,verification\n1,1,,unverified\n2,text,,unverified\n"
 
 
 def test_unknown_project_is_not_found(store):
