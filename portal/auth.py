@@ -97,7 +97,7 @@ def login_form() -> User | None:
     credentials = _run.credentials["usernames"]
     try:
         authenticator().login(location="main", max_login_attempts=accounts.MAX_FAILED_LOGINS,
-                              fields={"Form name": "Sign in", "Username": "User name",
+                              fields={"Form name": "Your account", "Username": "User name",
                                       "Password": "Password", "Login": "Sign in"},
                               key="sign_in")
     except LoginError:

@@ -39,8 +39,9 @@ def duration(seconds: float | None) -> str:
 
 
 def rate(rows_per_second: float | None) -> str:
-    return "–" if rows_per_second is None else f"{rows_per_second:,.0f} rows/s" \
-        if rows_per_second >= 10 else f"{rows_per_second:.2f} rows/s"
+    if rows_per_second is None:
+        return "–"
+    return f"{rows_per_second:,.0f}" if rows_per_second >= 10 else f"{rows_per_second:.2f}"
 
 
 def status_badge(status: str) -> None:
@@ -59,7 +60,7 @@ def counts(view: ProjectStatusView) -> None:
     cols[0].metric("Succeeded", f"{view.rows_succeeded:,}")
     cols[1].metric("Failed", f"{view.rows_failed:,}")
     cols[2].metric("Pending", f"{view.rows_pending:,}")
-    cols[3].metric("Speed", rate(view.rows_per_second))
+    cols[3].metric("Rows/s", rate(view.rows_per_second))
     cols[4].metric("Elapsed", duration(view.elapsed_seconds))
     cols[5].metric("ETA", duration(view.eta_seconds) if view.eta_seconds is not None
                    else ("done" if view.status == "complete" else "–"))

@@ -1,0 +1,199 @@
+"""End to end in headless Chromium: the whole stack (`python -m engine serve`), a real
+browser, a researcher's first project, and an anonymous visitor.
+
+Screenshots of each page go to test-artifacts/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from conftest import FIXTURES, ROOT, free_port, python, short_tempdir
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts"
+ROWS = 3000
+
+
+@pytest.fixture(scope="module")
+def stack():
+    """`python -m engine serve` on free ports, stopped by its process group."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian chromium is not installed (make test installs it)")
+    data_dir = short_tempdir("cr-web-")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "CONSTELLATION_"))}
+    env.update({"CONSTELLATION_DATA_DIR": str(data_dir), "CONSTELLATION_RAY_PORT": str(free_port()),
+                "CONSTELLATION_PORTAL_PORT": str(port), "CONSTELLATION_RAY_NUM_CPUS": "2",
+                # One machine: a row cannot be replicated on two distinct volunteers here.
+                "CONSTELLATION_REPLICATION": "1", "PYTHONPATH": str(ROOT)})
+    log = open(data_dir / "serve.log", "wb")
+    server = subprocess.Popen([python(), "-m", "engine", "serve"], cwd=ROOT, env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, (data_dir / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the portal did not answer within 120 s"
+            time.sleep(0.5)
+        yield url, env
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        except ProcessLookupError:
+            pass
+        log.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    yield page
+    context.close()
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def main_area(page):
+    return page.locator('[data-testid="stMain"]')
+
+
+def field(main, label: str):
+    return main.locator(f'input[aria-label="{label}"], textarea[aria-label="{label}"]')
+
+
+def nav_link(page, label: str):
+    return page.locator('[data-testid="stSidebarNav"]').get_by_role("link", name=label)
+
+
+def test_a_researcher_registers_submits_watches_and_downloads(page, stack, tmp_path):
+    from playwright.sync_api import expect
+
+    portal_url, env = stack
+    page.goto(f"{portal_url}/register")
+    main = main_area(page)
+    expect(main.get_by_role("heading", name="Register", level=1)).to_be_visible()
+    field(main, "User name").fill("rita")
+    field(main, "Email").fill("rita@example.org")
+    field(main, "Password").fill("a long password")
+    field(main, "Repeat password").fill("a long password")
+    main.get_by_text("Researcher", exact=True).click()
+    shot(page, "01-register")
+    main.get_by_role("button", name="Register").click()
+    expect(main.get_by_text("Account rita created")).to_be_visible()
+
+    nav_link(page, "Sign in").click()
+    expect(main.get_by_role("heading", name="Sign in", level=1)).to_be_visible()
+    field(main, "User name").fill("rita")
+    field(main, "Password").fill("a long password")
+    shot(page, "02-sign-in")
+    main.get_by_role("button", name="Sign in").click()
+    expect(main.get_by_text("Welcome, rita.")).to_be_visible()
+    main.get_by_role("button", name="Continue").click()
+    expect(main.get_by_text("No projects yet: submit one.")).to_be_visible()
+    shot(page, "03-projects-empty")
+
+    nav_link(page, "Submit").click()
+    expect(main.get_by_role("heading", name="Submit a project", level=1)).to_be_visible()
+    field(main, "Title").fill("squares in the browser")
+    dataset = tmp_path / "numbers.csv"
+    dataset.write_text("x\n" + "".join(f"{i}\n" for i in range(ROWS)))
+    uploads = main.locator('[data-testid="stFileUploaderDropzoneInput"]')
+    uploads.nth(0).set_input_files(str(FIXTURES / "square.py"))
+    uploads.nth(1).set_input_files(str(dataset))
+    expect(main.get_by_text(f"Preview: {ROWS:,} rows, 1 columns")).to_be_visible()
+    main.get_by_role("button", name="Trial run on 5 rows").click()
+    expect(main.get_by_text("Estimated run time on the cluster")).to_be_visible(timeout=60_000)
+    shot(page, "04-submit-trial")
+    main.get_by_role("button", name="Run on the cluster").click()
+    expect(main.get_by_text("Project 1 submitted.")).to_be_visible()
+    main.get_by_role("link", name="Follow its progress").click()
+
+    # The status panel refreshes itself: no reload from here on.
+    expect(main.get_by_text("squares in the browser")).to_be_visible()
+    expect(main.get_by_text(f"{ROWS:,} of {ROWS:,} rows (100%)")).to_be_visible(timeout=180_000)
+    expect(main.get_by_text(re.compile(r"Complete$"))).to_be_visible()  # the status badge
+    expect(main.locator('[data-testid="stVegaLiteChart"]')).to_be_visible()  # rows per node
+    shot(page, "05-projects-complete")
+
+    main.get_by_role("link", name="Results").click()
+    expect(main.get_by_role("heading", name="Results", level=1)).to_be_visible()
+    expect(main.locator('[data-testid="stDataFrame"]')).to_be_visible()
+    shot(page, "06-results")
+    with page.expect_download() as download_info:
+        main.get_by_role("button", name="Download CSV").click()
+    download = download_info.value
+    target = tmp_path / "results.csv"
+    download.save_as(str(target))
+    downloaded = target.read_text()
+    # The same bytes as the command-line export of the same project.
+    cli = subprocess.run([python(), "-m", "engine", "results", "1", "--format", "csv"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert downloaded == cli.stdout
+    table = list(csv.DictReader(io.StringIO(downloaded)))
+    assert len(table) == ROWS
+    assert [(r["x"], r["output"], r["error"]) for r in table[:3]] == \
+        [("0", "0", ""), ("1", "1", ""), ("2", "4", "")]
+    assert (table[-1]["x"], table[-1]["output"]) == (str(ROWS - 1), str((ROWS - 1) ** 2))
+
+
+def test_an_anonymous_visitor_sees_the_leaderboard_and_is_refused_submit(page, stack):
+    from playwright.sync_api import expect
+
+    portal_url, _ = stack
+    page.goto(portal_url)
+    main = main_area(page)
+    expect(main.get_by_role("heading", name="Sign in", level=1)).to_be_visible()
+    expect(nav_link(page, "Leaderboard")).to_be_visible()
+    expect(nav_link(page, "Submit")).to_have_count(0)
+    nav_link(page, "Leaderboard").click()
+    expect(main.get_by_role("heading", name="Leaderboard", level=1)).to_be_visible()
+    expect(main.get_by_text("How credit is earned")).to_be_visible()
+    shot(page, "07-leaderboard-anonymous")
+
+    page.goto(f"{portal_url}/submit")
+    expect(main.get_by_text("Sign in with a researcher account to use this page.")).to_be_visible()
+    expect(main.locator('[data-testid="stFileUploader"]')).to_have_count(0)
+    shot(page, "08-submit-refused")
