@@ -1,4 +1,7 @@
-"""How the bubblewrap sandbox around research code is built.
+"""How the bubblewrap sandbox around research code is built, and the limits it applies.
+
+``Limits`` is what one sandboxed child may use: node-wide settings, a project's
+overrides, and the admin maxima that cap them (``Limits.from_settings``).
 
 ``engine.executor`` starts every child that runs research code with ``bwrap_argv()``
 in front of it. The sandbox sees an allow-list of the system (``/usr``, ``/etc`` and
@@ -19,15 +22,91 @@ stay unreadable even if a mask were ever missed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 # The parts of the host the sandbox needs: programs, shared libraries and /etc (for
 # locale, time zone and certificate data). Symlinks (Debian's merged /usr) are recreated
 # as symlinks.
 _SYSTEM_PATHS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _SANDBOX_UID_BASE = 1_000_000
+# The hard RLIMIT_CPU of one warm child, over all its batches. Raising a hard limit needs
+# CAP_SYS_RESOURCE, which the child never has (and which this machine's container denies
+# even to the root parent, so prlimit from outside fails too): the limit cannot be
+# renewed per batch. The child sets a soft limit per batch under it, and asks to be
+# replaced once it has used half of it (see child.py).
+_CPU_LIFETIME_SECONDS = 6 * 3600
+
+
+# Limits an admin maximum caps, with what a project may override.
+_CLAMPED = ("row_timeout", "memory_bytes", "output_bytes", "file_bytes", "open_files", "processes")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one child may use. Build it with ``Limits.from_settings`` (or ``clamped``)."""
+
+    row_timeout: float = 60.0
+    memory_bytes: int = 2 << 30
+    output_bytes: int = 10 << 20
+    file_bytes: int = 64 << 20
+    open_files: int = 256
+    processes: int = 64
+    sandbox: str = "bwrap"
+    hidden_paths: tuple[str, ...] = ()
+    # Run research code without the sandbox when bubblewrap does not work on the node.
+    # Only an admin setting may turn this on.
+    allow_unsandboxed: bool = False
+
+    def clamped(self, maximum: "Limits", **overrides: Any) -> "Limits":
+        """These limits with a project's ``overrides`` (None: keep), each capped at ``maximum``."""
+        changes: dict[str, Any] = {}
+        for name in _CLAMPED:
+            value = overrides.pop(name, None)
+            if value is None:
+                value = getattr(self, name)
+            kind = type(getattr(self, name))
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"the {name.replace('_', ' ')} limit must be a positive number, "
+                                 f"not {value!r}")
+            changes[name] = min(kind(value), getattr(maximum, name))
+        if overrides:
+            raise TypeError(f"no such limit: {', '.join(sorted(overrides))}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, hidden_paths: Sequence[str] = (),
+                      **overrides: Any) -> "Limits":
+        """The node-wide defaults from ``settings`` with a project's overrides, capped by the admin maxima."""
+        defaults = cls(row_timeout=float(settings.row_timeout),
+                       memory_bytes=settings.memory_limit_mb << 20,
+                       output_bytes=settings.output_limit_mb << 20,
+                       file_bytes=settings.file_limit_mb << 20,
+                       open_files=settings.open_files_limit,
+                       processes=settings.process_limit,
+                       sandbox=settings.sandbox,
+                       hidden_paths=tuple(hidden_paths),
+                       allow_unsandboxed=settings.allow_unsandboxed)
+        # Only time, memory and output size may be raised per project; the rest protect
+        # the node itself and stay at the node's setting.
+        maximum = dataclasses.replace(defaults, row_timeout=float(settings.max_row_timeout),
+                                      memory_bytes=settings.max_memory_limit_mb << 20,
+                                      output_bytes=settings.max_output_limit_mb << 20)
+        return defaults.clamped(maximum, **overrides)
+
+    def for_child(self) -> dict[str, Any]:
+        return {"memory_bytes": self.memory_bytes, "file_bytes": self.file_bytes,
+                "open_files": self.open_files, "output_bytes": self.output_bytes,
+                "processes": self.processes, "cpu_seconds": _CPU_LIFETIME_SECONDS,
+                "memory_text": f"memory limit of {_size_text(self.memory_bytes)}"}
+
+
+def _size_text(size: int) -> str:
+    gib = size / (1 << 30)
+    return f"{gib:g} GiB" if gib >= 1 else f"{size >> 20} MiB"
 
 
 def sandbox_home() -> str:

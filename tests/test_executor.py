@@ -223,5 +223,5 @@ def test_cpu_backstop_is_set_per_batch_under_a_lifetime_hard_limit():
              "    return resource.getrlimit(resource.RLIMIT_CPU)\n")
     outcome = run_rows(probe, "cpu.py", ["x"], [(i, [i]) for i in range(10)], LIMITS)
     soft, hard = json.loads(outcome.results[0].output)
-    assert hard == executor._CPU_LIFETIME_SECONDS
+    assert hard == sandbox._CPU_LIFETIME_SECONDS
     assert 10 * 2 <= soft <= 10 * 2 + 5  # ten rows of 2 s, plus slack

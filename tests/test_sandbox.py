@@ -6,6 +6,8 @@ succeed and nothing outside the sandbox changes. Canary files outside the sandbo
 prove the last point: the scripts try to read and overwrite them.
 """
 
+import io
+import json
 import os
 import socket
 import time
@@ -44,9 +46,6 @@ def run(store, settings, pid, timeout=120):
             return ProjectStatus(s.get(Project, pid).status).is_terminal()
 
     Dispatcher(store, settings).run(until=ended)
-    import io
-    import json
-
     out = io.StringIO()
     export_results(store, accounts.local_admin(store), pid, "json", out)
     view = projects.project_status(store, accounts.local_admin(store), pid)
