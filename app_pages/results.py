@@ -53,7 +53,8 @@ widgets.results_table(page)
 
 st.subheader("Errors by type")
 with errors.shown():
-    groups = error_groups(store, user, project_id) if view.rows_failed else []
+    groups = widgets.per_view(view, "error_groups", lambda: error_groups(store, user, project_id)) \
+        if view.rows_failed else []
 widgets.error_groups(groups)
 
 st.subheader("Download")
