@@ -110,7 +110,12 @@ def _size_text(size: int) -> str:
 
 
 def sandbox_home() -> str:
-    return os.path.expanduser("~") or "/root"
+    """$HOME inside the sandbox: the host's, masked by an empty tmpfs, or /tmp when the
+    host's cannot be masked on its own (a service account's ``/`` or ``/usr/...``)."""
+    home = os.path.abspath(os.path.expanduser("~") or "/")
+    if home == "/" or any(_under(home, root) for root in ("/tmp", *_SYSTEM_PATHS)):
+        return "/tmp"
+    return home
 
 
 def runs_as_root() -> bool:
@@ -158,8 +163,9 @@ def bwrap_argv(hidden_paths: Sequence[str] = ()) -> list[str]:
             args += ["--ro-bind", path, path]
             bound.append(path)
     # /tmp and $HOME are private and empty; writable by the sandbox's own uid.
-    args += ["--dev", "/dev", "--proc", "/proc",
-             "--perms", "1777", "--tmpfs", "/tmp", "--perms", "1777", "--tmpfs", home]
+    args += ["--dev", "/dev", "--proc", "/proc", "--perms", "1777", "--tmpfs", "/tmp"]
+    if home != "/tmp":
+        args += ["--perms", "1777", "--tmpfs", home]
     for path in hidden_paths:
         # Only what is visible needs a mask: the Ray session and data directories are
         # normally outside the allow-list already.
