@@ -360,6 +360,29 @@ def test_leaderboard_for_anonymous_visitors(portal):
     assert any("median" in m.value for m in at.markdown)  # the credit rule is explained
 
 
+def test_leaderboard_ranks_volunteers_by_credit(portal, settings):
+    from engine import credit, nodes
+    from test_nodes import labels_of, ray_node
+
+    nodes.sync_registry(portal, settings, [
+        ray_node("vic-node", labels_of(nodes.join_command(portal, settings, "vic"))),
+        ray_node("both-node", labels_of(nodes.join_command(portal, settings, "both")))])
+    pid = submit(portal, "ada", rows=30)
+    with portal.session() as s:
+        transition_project(s, pid, ProjectStatus.RUNNING)
+        for node, rows in (("vic-node", range(0, 20)), ("both-node", range(20, 30))):
+            record_results(s, pid, [RowResult(i, True, "1", None, None, 0.5) for i in rows], node,
+                           verification="verified")
+    credit.refresh(portal, force=True)
+    at = open_page(app(), "app_pages/leaderboard.py")
+    board = at.dataframe[0].value
+    assert list(board["volunteer"]) == ["vic", "both"] and list(board["rank"]) == [1, 2]
+    assert list(board["verified tasks"]) == [20, 10] and list(board["nodes"]) == [1, 1]
+    at.segmented_control(key="window").set_value("Last 24 h")
+    at.run()
+    assert list(at.dataframe[0].value["volunteer"]) == ["vic", "both"]
+
+
 def test_join_shows_the_volunteers_command(portal):
     at = open_page(signed_in("vic"), "app_pages/join.py")
     command = at.code[0].value
