@@ -133,6 +133,10 @@ def test_a_researcher_registers_submits_watches_and_downloads(page, stack, tmp_p
     expect(main.get_by_text("Welcome, rita.")).to_be_visible()
     main.get_by_role("button", name="Continue").click()
     expect(main.get_by_text("No projects yet: submit one.")).to_be_visible()
+    # A reload is a new session: the sign-in cookie keeps rita signed in.
+    page.reload()
+    expect(page.get_by_text("Signed in as rita")).to_be_visible()
+    expect(main.get_by_text("No projects yet: submit one.")).to_be_visible()
     shot(page, "03-projects-empty")
 
     nav_link(page, "Submit").click()
