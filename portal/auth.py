@@ -52,8 +52,9 @@ def start() -> None:
     try:
         authenticator.login(location="unrendered")
     except LoginError:
-        # A valid cookie for an account that was disabled or removed.
-        authenticator.logout(location="unrendered")
+        # A validly signed cookie of an account that was disabled or removed: the visitor
+        # stays anonymous, and the cookie goes.
+        authenticator.cookie_controller.delete_cookie()
     if st.session_state.get("authentication_status"):
         try:
             accounts.signed_in_user(store, st.session_state["username"])

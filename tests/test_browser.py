@@ -201,3 +201,30 @@ def test_an_anonymous_visitor_sees_the_leaderboard_and_is_refused_submit(page, s
     expect(main.get_by_text("Sign in with a researcher account to use this page.")).to_be_visible()
     expect(main.locator('[data-testid="stFileUploader"]')).to_have_count(0)
     shot(page, "08-submit-refused")
+
+
+def test_a_disabled_users_cookie_no_longer_signs_them_in(page, stack):
+    from playwright.sync_api import expect
+
+    portal_url, env = stack
+
+    def cli(*args, stdin=""):
+        subprocess.run([python(), "-m", "engine", *args], cwd=ROOT, env=env, input=stdin,
+                       capture_output=True, text=True, timeout=120, check=True)
+
+    cli("user", "add", "dora", "--role", "volunteer", "--password-stdin", stdin="a long password\n")
+    page.goto(portal_url)
+    main = main_area(page)
+    field(main, "User name").fill("dora")
+    field(main, "Password").fill("a long password")
+    main.get_by_role("button", name="Sign in").click()
+    main.get_by_role("button", name="Continue").click()
+    expect(main.get_by_role("heading", name="Join cluster", level=1)).to_be_visible()
+    page.reload()
+    expect(page.get_by_text("Signed in as dora")).to_be_visible()
+
+    cli("user", "disable", "dora")
+    page.reload()
+    expect(main.get_by_role("heading", name="Sign in", level=1)).to_be_visible()
+    expect(page.get_by_text("Signed in as dora")).to_have_count(0)
+    expect(nav_link(page, "Join cluster")).to_have_count(0)
