@@ -18,10 +18,10 @@ title = st.text_input("Title", key="title", max_chars=200)
 description = st.text_area("Description", key="description", height=80)
 script_file = st.file_uploader("Script", type=["py"], key="script",
                                help="Python that defines main(row); row is a dict of column to value.")
-script = widgets.checked(script_file, lambda f: check_script(
+script = widgets.checked("script", script_file, lambda f: check_script(
     f.name, f.getvalue(), max_bytes=settings.max_script_bytes))
 dataset_file = st.file_uploader("Dataset", type=["csv", "json", "jsonl", "ndjson"], key="dataset")
-dataset = widgets.checked(dataset_file, lambda f: parse_dataset(
+dataset = widgets.checked("dataset", dataset_file, lambda f: parse_dataset(
     f.name, f.getvalue(), max_bytes=settings.max_upload_bytes))
 with st.expander("Advanced settings"):
     batch_size = st.number_input("Batch size (rows per Ray call)", min_value=1, max_value=1_000_000,

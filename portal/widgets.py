@@ -67,18 +67,23 @@ def counts(view: ProjectStatusView) -> None:
                    else ("done" if view.status == "complete" else "–"))
 
 
-def checked(upload, check):
-    """Run ``check`` on an uploaded file once (cached per upload); show its engine error."""
+def checked(slot: str, upload, check):
+    """Run ``check`` on an uploaded file once per upload (parsing a large dataset on every
+    rerun would be slow) and show its engine error. Returns the checked value or None.
+
+    ``slot`` names the uploader: a new upload replaces only that uploader's parse.
+    """
     if upload is None:
         return None
     cache = st.session_state.setdefault("_checked_uploads", {})
-    if upload.file_id not in cache:
+    entry = cache.get(slot)
+    if entry is None or entry[0] != upload.file_id:
         try:
-            cache.clear()  # keep only the current uploads' parses in the session
-            cache[upload.file_id] = (check(upload), None)
+            entry = (upload.file_id, check(upload), None)
         except ConstellationError as exc:
-            cache[upload.file_id] = (None, exc)
-    value, error = cache[upload.file_id]
+            entry = (upload.file_id, None, exc)
+        cache[slot] = entry
+    _, value, error = entry
     if error is not None:
         errors.show(error)
     return value

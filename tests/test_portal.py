@@ -220,6 +220,8 @@ def test_submit_validates_on_upload_trial_runs_and_submits(portal):
     data = b"x\n" + b"".join(b"%d\n" % i for i in range(1, 101))
     upload(at, "dataset", "numbers.csv", data, "text/csv")
     assert not texts(at, "error")
+    # Both uploads stay parsed across reruns (a large dataset is not parsed on every click).
+    assert set(at.session_state["_checked_uploads"]) == {"script", "dataset"}
     assert "Preview: 100 rows, 1 columns" in [s.value for s in at.subheader]
     assert list(at.dataframe[0].value["x"]) == list(range(1, 21))
     assert not any(b.label == "Run on the cluster" for b in at.button)  # trial first
