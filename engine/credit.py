@@ -1,12 +1,13 @@
 """Credit: the rule, written once, and the leaderboard.
 
-The rule (shown on the Leaderboard page as ``CREDIT_RULE``): every accepted task earns the
-same credit whichever node ran it, namely its project's median measured CPU seconds per
-accepted task. Until results are verified by replication, "accepted" means "succeeded".
+The rule (shown on the Leaderboard page as ``CREDIT_RULE``): every accepted result earns
+the same credit whichever node produced it, namely its project's median measured CPU
+seconds per accepted result. Accepted means succeeded and verified: in a replicated
+project, each volunteer's replica on the winning side of a verified row earns.
 
 Reading a million tasks for every leaderboard view would be far too slow, so two small
-tables are derived from ``tasks`` by ``refresh`` (the dispatcher calls it through
-``nodes.sync_registry`` every few seconds; the CLI calls it before printing):
+tables are derived from ``tasks`` and ``replicas`` by ``refresh`` (the dispatcher calls it
+through ``nodes.sync_registry`` every few seconds; the CLI calls it before printing):
 
 - ``credit_rollup``: per project, node and hour, the tasks a node completed, the ones it
   earns for, their CPU seconds and its last finish time;
@@ -38,14 +39,16 @@ from engine.store import Store
 logger = logging.getLogger(__name__)
 
 CREDIT_RULE = (
-    "Every accepted task earns the same credit, whichever machine ran it: its project's "
-    "median measured CPU seconds per task. A task is accepted when it succeeded (once "
-    "results are verified by replication: when it is verified). A faster machine finishes "
-    "more tasks per hour and so earns more per hour; a machine cannot earn more by being "
-    "slow or by reporting longer times, because its own times are only a few of the many "
-    "that make the median. The head's own work and unclaimed machines (whose signature "
-    "does not verify) earn nothing. Windows count whole hours: 24 h is the current hour "
-    "and the 24 before it."
+    "Every accepted result earns the same credit, whichever machine produced it: its "
+    "project's median measured CPU seconds per accepted result. A result is accepted when "
+    "the row succeeded and was verified: other volunteers' machines computed the same "
+    "result (or, for a volunteer with a long record of agreeing, a spot-checked single "
+    "run). Each volunteer whose result agreed earns. A faster machine finishes more rows "
+    "per hour and so earns more per hour; a machine cannot earn more by being slow or by "
+    "reporting longer times, because its own times are only a few of the many that make "
+    "the median. Unverified results, the head's own work and unclaimed machines (whose "
+    "signature does not verify) earn nothing. Windows count whole hours: 24 h is the "
+    "current hour and the 24 before it."
 )
 
 WINDOWS = {"24h": 24, "7d": 7 * 24, "all": None}
@@ -86,36 +89,52 @@ class ProjectCredit(Base):
     refresh_seconds: Mapped[float] = mapped_column(Float, default=0.0)
 
 
-def _accepted_sql(alias: str = "t") -> str:
-    # The one definition of "accepted" in SQL; the verification issue changes it here.
-    return f"{alias}.status = 'succeeded'"
+# The results that earn: verified ones. A replicated project's executions are its
+# replicas, and each replica on the winning side of a verified row earns (every volunteer
+# who did the agreed work, BOINC-style). A project with verification turned off
+# (replication 1) stores plain tasks, marked unverified: they earn nothing, because a
+# node could return anything for them.
+ACCEPTED_VERIFICATIONS = ("verified", "verified-by-trust")
+
+# (source table, SQL for "this execution is accepted") by whether the project replicates.
+_SOURCES = {
+    True: ("replicas", "x.agreed = 1 AND x.status = 'succeeded'"),
+    False: ("tasks", "x.status = 'succeeded' AND x.verification IN ("
+                     + ", ".join(f"'{v}'" for v in ACCEPTED_VERIFICATIONS) + ")"),
+}
 
 
-_ROLLUP = text(f"""
-    INSERT INTO credit_rollup (project_id, node_id, hour, completed, accepted, cpu_seconds,
-                               last_finished)
-    SELECT t.project_id, t.node_id, CAST(t.finished_at / 3600 AS INTEGER) AS hour, COUNT(*),
-           SUM(CASE WHEN {_accepted_sql()} AND (n.revoked_at IS NULL OR t.finished_at < n.revoked_at)
-                    THEN 1 ELSE 0 END),
-           SUM(CASE WHEN {_accepted_sql()} AND (n.revoked_at IS NULL OR t.finished_at < n.revoked_at)
-                    THEN t.cpu_seconds ELSE 0 END),
-           MAX(t.finished_at)
-    FROM tasks AS t LEFT JOIN nodes AS n ON n.node_id = t.node_id
-    WHERE t.project_id = :p AND t.node_id IS NOT NULL
-    GROUP BY t.node_id, hour
-""")
+def _rollup_sql(replicated: bool):
+    table, accepted = _SOURCES[replicated]
+    earns = f"{accepted} AND (n.revoked_at IS NULL OR x.finished_at < n.revoked_at)"
+    return text(f"""
+        INSERT INTO credit_rollup (project_id, node_id, hour, completed, accepted, cpu_seconds,
+                                   last_finished)
+        SELECT x.project_id, x.node_id, CAST(x.finished_at / 3600 AS INTEGER) AS hour, COUNT(*),
+               SUM(CASE WHEN {earns} THEN 1 ELSE 0 END),
+               SUM(CASE WHEN {earns} THEN x.cpu_seconds ELSE 0 END),
+               MAX(x.finished_at)
+        FROM {table} AS x LEFT JOIN nodes AS n ON n.node_id = x.node_id
+        WHERE x.project_id = :p AND x.node_id IS NOT NULL
+        GROUP BY x.node_id, hour
+    """)
+
+
+def _replicated(session, project_id: int) -> bool:
+    return (session.get(Project, project_id).replication or 1) > 1
 
 
 def project_median(session, project_id: int) -> tuple[float, int]:
-    """(median CPU seconds per accepted task, accepted tasks) of one project, from ``tasks``."""
+    """(median CPU seconds per accepted execution, accepted executions) of one project."""
+    table, accepted = _SOURCES[_replicated(session, project_id)]
     count = session.execute(text(
-        f"SELECT COUNT(*) FROM tasks AS t WHERE t.project_id = :p AND {_accepted_sql()}"),
+        f"SELECT COUNT(*) FROM {table} AS x WHERE x.project_id = :p AND {accepted}"),
         {"p": project_id}).scalar_one()
     if count == 0:
         return 0.0, 0
     middle = session.execute(text(
-        f"SELECT t.cpu_seconds FROM tasks AS t WHERE t.project_id = :p AND {_accepted_sql()} "
-        f"ORDER BY t.cpu_seconds LIMIT :n OFFSET :k"),
+        f"SELECT x.cpu_seconds FROM {table} AS x WHERE x.project_id = :p AND {accepted} "
+        f"ORDER BY x.cpu_seconds LIMIT :n OFFSET :k"),
         {"p": project_id, "n": 2 - count % 2, "k": (count - 1) // 2}).scalars().all()
     return sum(middle) / len(middle), count
 
@@ -126,11 +145,11 @@ def refresh(store: Store, *, force: bool = False) -> int:
     with store.session() as session:
         projects = session.execute(select(
             Project.id, Project.status, Project.rows_succeeded, Project.rows_failed,
-            Project.attempt)).all()
+            Project.rows_verified, Project.executions, Project.attempt)).all()
         cached = {c.project_id: c for c in session.execute(select(ProjectCredit)).scalars()}
     summed = 0
-    for pid, status, succeeded, failed, attempt in projects:
-        snapshot = f"{status}:{succeeded}:{failed}:{attempt}"
+    for pid, status, *counters in projects:
+        snapshot = ":".join(str(c) for c in (status, *counters))
         entry = cached.get(pid)
         if entry is not None and not force:
             if entry.snapshot == snapshot:
@@ -149,7 +168,7 @@ def _sum_project(store: Store, project_id: int, snapshot: str) -> None:
     with store.session() as session:
         median, accepted = project_median(session, project_id)
         session.execute(delete(CreditRollup).where(CreditRollup.project_id == project_id))
-        session.execute(_ROLLUP, {"p": project_id})
+        session.execute(_rollup_sql(_replicated(session, project_id)), {"p": project_id})
         entry = session.get(ProjectCredit, project_id) or ProjectCredit(project_id=project_id)
         entry.median_cpu_seconds, entry.accepted, entry.snapshot = median, accepted, snapshot
         entry.refreshed_at = time.time()

@@ -12,7 +12,8 @@ from sqlalchemy import text
 from conftest import ROOT, engine_env
 from engine import accounts, credit, nodes, projects
 from engine.accounts import Role
-from engine.status import ProjectStatus, RowResult, record_results, transition_project
+from engine.status import (ProjectStatus, RowResult, decide_rows, record_replicas, record_results,
+                           transition_project)
 from test_nodes import labels_of, ray_node
 
 
@@ -31,30 +32,34 @@ def cluster_of(store, settings):
     return store
 
 
-def new_project(store, settings, rows=100) -> int:
+def new_project(store, settings, rows=100, replication=1) -> int:
     data = b"x\n" + b"".join(b"%d\n" % i for i in range(rows))
     pid = projects.submit_project(store, settings, accounts.local_admin(store), title="t",
                                   script_name="s.py", script_bytes=b"def main(row):\n    return 1\n",
-                                  dataset_name="d.csv", dataset_bytes=data)
+                                  dataset_name="d.csv", dataset_bytes=data, replication=replication)
     with store.session() as session:
         transition_project(session, pid, ProjectStatus.RUNNING)
     return pid
 
 
 class Rows:
-    """Hands out row indexes, so that each call stores new rows of the project."""
+    """Hands out row indexes, so that each call stores new rows of the project.
+
+    Rows are stored as verified without replicas (as a trusted volunteer's would be),
+    so that each test can say exactly which node produced what.
+    """
 
     def __init__(self, store, pid):
         self.store, self.pid, self.next = store, pid, 0
 
-    def store_on(self, node_id, cpu_times, ok=True):
+    def store_on(self, node_id, cpu_times, ok=True, verification="verified"):
         results = []
         for cpu in cpu_times:
             results.append(RowResult(self.next, ok, "1" if ok else None,
                                      None if ok else "ValueError: x", None, cpu))
             self.next += 1
         with self.store.session() as session:
-            record_results(session, self.pid, results, node_id)
+            record_results(session, self.pid, results, node_id, verification=verification)
 
 
 def board(store, window="all"):
@@ -78,6 +83,47 @@ def test_every_accepted_task_earns_its_projects_median(cluster_of, settings):
     assert (result["bob"].credit, result["bob"].tasks) == (0.9, 2)
     assert result["bob"].cpu_seconds == pytest.approx(14.0)
     assert [result["alice"].rank, result["bob"].rank] == [1, 2]
+
+
+def test_unverified_results_earn_nothing(cluster_of, settings):
+    store = cluster_of
+    rows = Rows(store, new_project(store, settings))
+    rows.store_on("a1", [1.0, 1.0], verification="unverified")
+    rows.store_on("b1", [1.0], verification="inconclusive")
+    rows.store_on("b1", [1.0])
+    assert {v: r.tasks for v, r in board(store).items()} == {"bob": 1}
+    views = {v.node_id: v for v in nodes.list_nodes(store)}
+    assert (views["a1"].tasks_completed, views["b1"].tasks_completed) == (2, 2)
+
+
+def test_every_agreeing_replica_earns(cluster_of, settings):
+    """Replicated rows: each volunteer whose replica agreed earns; the others do not."""
+    store = cluster_of
+    pid = new_project(store, settings, rows=3, replication=2)
+    node_of = {"alice": "a1", "bob": "b1", "carol": "c1", "head": "head"}
+    replicas = {  # row -> [(party, output, cpu seconds)]
+        0: [("alice", "1", 1.0), ("bob", "1", 3.0)],
+        1: [("alice", "1", 2.0), ("carol", "9", 50.0), ("head", "1", 2.0)],
+        2: [("bob", "1", 4.0), ("carol", "7", 5.0)],   # no agreement: inconclusive
+    }
+    with store.session() as session:
+        for row, items in replicas.items():
+            for party, output, cpu in items:
+                record_replicas(session, pid, party, node_of[party],
+                                [RowResult(row, True, output, None, None, cpu)])
+        decide_rows(session, pid, [
+            (RowResult(0, True, "1", None, None, 1.0), "a1", "verified", ("alice", "bob"), ("alice", "bob")),
+            (RowResult(1, True, "1", None, None, 2.0), "a1", "verified", ("alice", "head"),
+             ("alice", "carol", "head")),
+            (RowResult(2, True, "1", None, None, 4.0), "b1", "inconclusive", (), ("bob", "carol")),
+        ])
+    with store.session() as session:
+        # Agreeing replicas' CPU times 1, 3, 2, 2: the median is 2.
+        assert credit.project_median(session, pid) == (2.0, 4)
+    result = board(store)
+    assert {v: (r.tasks, r.credit) for v, r in result.items()} == {"alice": (2, 4.0), "bob": (1, 2.0)}
+    views = {v.node_id: v for v in nodes.list_nodes(store)}
+    assert (views["c1"].tasks_completed, views["b1"].tasks_completed) == (2, 2)
 
 
 def test_reporting_longer_times_does_not_raise_credit(cluster_of, settings):
@@ -128,8 +174,8 @@ def test_windows_count_recent_hours(cluster_of, settings):
     now = time.time()
     with store.session() as session:
         session.execute(text(
-            "INSERT INTO tasks (project_id, row_index, status, node_id, cpu_seconds, finished_at) "
-            "VALUES (:p, :i, 'succeeded', :n, 1.0, :f)"), [
+            "INSERT INTO tasks (project_id, row_index, status, node_id, cpu_seconds, finished_at, "
+            "verification) VALUES (:p, :i, 'succeeded', :n, 1.0, :f, 'verified')"), [
             {"p": pid, "i": 0, "n": "a1", "f": now - 60},
             {"p": pid, "i": 1, "n": "a1", "f": now - 2 * 86400},
             {"p": pid, "i": 2, "n": "b1", "f": now - 10 * 86400}])
@@ -207,7 +253,7 @@ def test_leaderboard_stays_fast_with_a_million_tasks(store, settings):
             expected += sum(1 for t in tasks if t[2] == "succeeded" and t[3][0] == "v")
             cursor.executemany(
                 "INSERT INTO tasks (project_id, row_index, status, output, node_id, cpu_seconds, "
-                "finished_at) VALUES (?, ?, ?, '1', ?, ?, ?)", tasks)
+                "finished_at, verification) VALUES (?, ?, ?, '1', ?, ?, ?, 'verified')", tasks)
         connection.commit()
     finally:
         connection.close()

@@ -30,7 +30,7 @@ from conftest import ROOT, fixture_bytes, free_port, short_tempdir, write_token
 from engine import accounts, credit, nodes, projects
 from engine.accounts import Role
 from engine.export import export_results
-from engine.models import Project, Task
+from engine.models import Project, Replica, Task
 from engine.settings import Settings
 from engine.status import ProjectStatus
 from engine.store import Store
@@ -206,13 +206,16 @@ def run_to_end(state: VolunteerCluster, project_id: int, timeout: float = 240) -
     state.sync(force=True)
 
 
-def tasks_by_node(state: VolunteerCluster, project_id: int) -> dict[str, list[int]]:
+def executions_by_node(state: VolunteerCluster, project_id: int,
+                       agreed_only: bool = False) -> dict[str, list[int]]:
+    """Node name -> rows it returned a replica for (projects replicate by default)."""
     names = {v: k for k, v in state.node_ids.items()}
+    query = select(Replica.row_index, Replica.node_id).where(Replica.project_id == project_id)
+    if agreed_only:
+        query = query.where(Replica.agreed.is_(True), Replica.status == "succeeded")
     out: dict[str, list[int]] = {}
     with state.store.session() as session:
-        for row, node_id, status in session.execute(
-                select(Task.row_index, Task.node_id, Task.status).where(Task.project_id == project_id)):
-            assert status == "succeeded"
+        for row, node_id in session.execute(query):
             out.setdefault(names.get(node_id, node_id), []).append(row)
     return out
 
@@ -277,22 +280,24 @@ def test_project_runs_on_both_volunteers_and_credit_follows_their_tasks(cluster)
     pid = submit(cluster, "busy_square.py", rows=48, batch_size=2)
     run_to_end(cluster, pid)
     assert outputs(cluster, pid) == [(i, "succeeded", i * i) for i in range(48)]
-    by_node = tasks_by_node(cluster, pid)
-    assert by_node.get("alice") and by_node.get("bob"), by_node
-    assert "forger" not in by_node  # the dispatcher keeps work off the unclaimed node
-    assert sum(len(rows) for rows in by_node.values()) == 48
+    ran = executions_by_node(cluster, pid)
+    agreed = executions_by_node(cluster, pid, agreed_only=True)
+    assert agreed.get("alice") and agreed.get("bob"), ran
+    assert "forger" not in ran  # the dispatcher keeps work off the unclaimed node
+    # Every row was verified by at least one agreeing replica (two, unless by trust).
+    assert {row for rows in agreed.values() for row in rows} == set(range(48))
     credit.refresh(cluster.store, force=True)
     with cluster.store.session() as session:
         median, accepted = credit.project_median(session, pid)
-    assert accepted == 48 and median > 0
+    assert accepted == sum(len(rows) for rows in agreed.values()) and median > 0
     board = {r.volunteer: r for r in credit.leaderboard(cluster.store, "all")}
     assert set(board) == {"alice", "bob"}  # the forger and the head earn nothing
     for name in ("alice", "bob"):
-        assert board[name].tasks == len(by_node[name])
-        assert board[name].credit == pytest.approx(len(by_node[name]) * median, rel=1e-6)
+        assert board[name].tasks == len(agreed[name])
+        assert board[name].credit == pytest.approx(len(agreed[name]) * median, rel=1e-6)
         assert board[name].nodes == 1
     views = {v.node_id: v for v in nodes.list_nodes(cluster.store)}
-    for name, rows in by_node.items():
+    for name, rows in ran.items():
         assert views[cluster.node_ids[name]].tasks_completed == len(rows)
     assert views[cluster.node_ids["forger"]].attribution == "unclaimed"
 
@@ -320,8 +325,8 @@ def test_stopped_node_goes_offline_and_its_rows_finish_elsewhere(cluster):
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             with cluster.store.session() as session:
-                done = session.execute(select(Task.row_index).where(
-                    Task.project_id == pid, Task.node_id == bob_id)).first()
+                done = session.execute(select(Replica.row_index).where(
+                    Replica.project_id == pid, Replica.node_id == bob_id)).first()
             if done:
                 bob.stop()
                 with cluster.store.session() as session:
@@ -341,8 +346,11 @@ def test_stopped_node_goes_offline_and_its_rows_finish_elsewhere(cluster):
         assert (project.status, project.rows_succeeded, project.rows_failed) == ("complete", 40, 0)
         stored = session.execute(select(Task.row_index).where(Task.project_id == pid)).scalars().all()
     assert sorted(stored) == list(range(40))  # none lost, none twice
-    by_node = tasks_by_node(cluster, pid)
-    assert set(by_node) - {"bob"}, "no other node finished the rows"
+    ran = executions_by_node(cluster, pid)
+    assert set(ran) - {"bob"}, "no other node finished the rows"
+    # Rows bob's node had in flight were finished by the others: every row agreed on.
+    agreed = executions_by_node(cluster, pid, agreed_only=True)
+    assert {row for rows in agreed.values() for row in rows} == set(range(40))
     # Ray declares the node dead after its health checks fail; then the registry follows.
     deadline = time.monotonic() + 90
     while True:
@@ -352,9 +360,10 @@ def test_stopped_node_goes_offline_and_its_rows_finish_elsewhere(cluster):
             break
         assert time.monotonic() < deadline, "bob's node is still listed online"
         time.sleep(1)
-    assert view.volunteer == "bob" and view.tasks_completed >= len(by_node.get("bob", []))
+    assert view.volunteer == "bob" and view.tasks_completed >= len(ran.get("bob", []))
+    credit.refresh(cluster.store, force=True)
     board = {r.volunteer: r for r in credit.leaderboard(cluster.store, "all")}
     with cluster.store.session() as session:
-        bob_total = session.execute(select(Task.row_index).where(
-            Task.node_id == bob_id, Task.status == "succeeded")).all()
-    assert board["bob"].tasks == len(bob_total)
+        bob_total = session.execute(select(Replica.row_index).where(
+            Replica.node_id == bob_id, Replica.agreed.is_(True))).all()
+    assert board["bob"].tasks == len(bob_total)  # over both projects
