@@ -12,8 +12,8 @@ from engine.projects import (ProjectStatusView, cancel_project, check_upload, li
 from engine.settings import SETTINGS, Settings
 from engine.status import ProjectStatus, TaskStatus
 from engine.store import Store
-# The node registry's and credit's tables must be on Base.metadata before a Store creates the schema.
-from engine import credit, nodes  # noqa: E402,F401  (isort: skip)
+# Modules that declare tables must be imported before a Store creates the schema.
+from engine import credit, nodes, verification  # noqa: E402,F401  (isort: skip)
 
 __all__ = [
     "ClusterUnavailable", "ConstellationError", "Forbidden", "InvalidDataset", "InvalidRequest",

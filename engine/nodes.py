@@ -319,6 +319,16 @@ def _claim(node: Node, owner: str | None, now: float) -> None:
         node.claimed = False
 
 
+def record_node_facts(store: Store, node_id: str, *, sandbox: str | None = None,
+                      python_version: str | None = None, ray_version: str | None = None) -> None:
+    """Record what a probe measured on a node (e.g. ``executor.sandbox_status()`` run there)."""
+    values = {k: v for k, v in (("sandbox", sandbox), ("python_version", python_version),
+                                ("ray_version", ray_version)) if v is not None}
+    if values:
+        with store.session() as session:
+            session.execute(update(Node).where(Node.node_id == node_id).values(**values))
+
+
 def excluded_node_ids(store: Store, settings: Settings) -> set[str]:
     """Online nodes that must not run work: the unclaimed ones, unless the admin allows them."""
     if settings.allow_unclaimed_nodes:

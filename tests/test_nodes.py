@@ -139,6 +139,8 @@ def test_registry_claims_only_verified_nodes(people, settings):
     assert views["f1"].label_volunteer == "alice"
     assert views["a1"].status == "online" and views["a1"].cpus == 2.0
     assert views["a1"].python_version == nodes.python_minor() and views["a1"].sandbox == "unknown"
+    nodes.record_node_facts(people, "a1", sandbox="available", python_version="3.11.9")
+    assert (by_id(people)["a1"].sandbox, by_id(people)["a1"].python_version) == ("available", "3.11.9")
     assert nodes.excluded_node_ids(people, settings) == {"f1", "g1", "plain", "rita"}
     assert nodes.parties(people) == {"head": "head", "a1": "alice", "b1": "bob"}
     assert nodes.excluded_node_ids(people, settings.replace(allow_unclaimed_nodes=True)) == set()
