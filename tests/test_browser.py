@@ -145,7 +145,7 @@ def test_a_researcher_registers_submits_watches_and_downloads(page, stack, tmp_p
     dataset = tmp_path / "numbers.csv"
     dataset.write_text("x\n" + "".join(f"{i}\n" for i in range(ROWS)))
     uploads = main.locator('[data-testid="stFileUploaderDropzoneInput"]')
-    uploads.nth(0).set_input_files(str(FIXTURES / "square.py"))
+    uploads.nth(0).set_input_files(str(FIXTURES / "slow_square.py"))
     uploads.nth(1).set_input_files(str(dataset))
     expect(main.get_by_text(f"Preview: {ROWS:,} rows, 1 columns")).to_be_visible()
     main.get_by_role("button", name="Trial run on 5 rows").click()
@@ -157,15 +157,17 @@ def test_a_researcher_registers_submits_watches_and_downloads(page, stack, tmp_p
 
     # The status panel refreshes itself: no reload from here on.
     expect(main.get_by_text("squares in the browser")).to_be_visible()
+    expect(main.get_by_text(re.compile(r"(Submitted|Running)$"))).to_be_visible()
+    shot(page, "05-projects-running")
     expect(main.get_by_text(f"{ROWS:,} of {ROWS:,} rows (100%)")).to_be_visible(timeout=180_000)
     expect(main.get_by_text(re.compile(r"Complete$"))).to_be_visible()  # the status badge
     expect(main.locator('[data-testid="stVegaLiteChart"]')).to_be_visible()  # rows per node
-    shot(page, "05-projects-complete")
+    shot(page, "06-projects-complete")
 
     main.get_by_role("link", name="Results").click()
     expect(main.get_by_role("heading", name="Results", level=1)).to_be_visible()
     expect(main.locator('[data-testid="stDataFrame"]')).to_be_visible()
-    shot(page, "06-results")
+    shot(page, "07-results")
     with page.expect_download() as download_info:
         main.get_by_role("button", name="Download CSV").click()
     download = download_info.value
@@ -195,12 +197,12 @@ def test_an_anonymous_visitor_sees_the_leaderboard_and_is_refused_submit(page, s
     nav_link(page, "Leaderboard").click()
     expect(main.get_by_role("heading", name="Leaderboard", level=1)).to_be_visible()
     expect(main.get_by_text("How credit is earned")).to_be_visible()
-    shot(page, "07-leaderboard-anonymous")
+    shot(page, "08-leaderboard-anonymous")
 
     page.goto(f"{portal_url}/submit")
     expect(main.get_by_text("Sign in with a researcher account to use this page.")).to_be_visible()
     expect(main.locator('[data-testid="stFileUploader"]')).to_have_count(0)
-    shot(page, "08-submit-refused")
+    shot(page, "09-submit-refused")
 
 
 def test_a_disabled_users_cookie_no_longer_signs_them_in(page, stack):
