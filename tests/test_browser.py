@@ -84,7 +84,9 @@ def browser():
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1000})
+    # Streamlit scrolls inside its main container, so a "full page" screenshot holds only
+    # the viewport: make the viewport tall instead.
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 2000})
     page = context.new_page()
     page.set_default_timeout(30_000)
     yield page
