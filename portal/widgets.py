@@ -98,6 +98,7 @@ def trial_table(trial) -> None:
         if r.traceback:
             with st.expander(f"Traceback of row {r.row}"):
                 st.code(r.traceback, language=None)
+    st.caption("The first row's time includes starting the sandbox; the estimate uses the median.")
     if trial.estimated_seconds is not None:
         st.info(f"Estimated run time on the cluster: about {duration(trial.estimated_seconds)} "
                 f"({trial.seconds_per_row * 1000:.1f} ms per row over {trial.cpus} CPUs, "
