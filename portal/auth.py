@@ -85,7 +85,8 @@ def require(*roles: Role) -> User:
     except Forbidden as exc:
         wanted = " or ".join(r.value for r in roles)
         if user is None:
-            st.warning(f"Sign in with a {wanted} account to use this page.",
+            article = "an" if wanted[0] in "aeiou" else "a"
+            st.warning(f"Sign in with {article} {wanted} account to use this page.",
                        icon=":material/lock:")
             st.page_link("app_pages/login.py", label="Sign in", icon=":material/login:")
         else:

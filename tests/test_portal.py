@@ -125,7 +125,9 @@ def test_role_gating_matrix(portal, who):
             assert titles(at) == ["Join cluster" if who == "vic" else "Projects"], (who, page)
             continue
         if who is None:
-            assert any("Sign in with a" in w for w in texts(at, "warning")), page
+            wanted = "an admin" if page.endswith("admin.py") else \
+                "a volunteer" if page.endswith("join.py") else "a researcher"
+            assert texts(at, "warning") == [f"Sign in with {wanted} account to use this page."], page
         else:
             assert any(e.startswith("Not allowed: this needs the") for e in texts(at, "error")), page
         assert not at.file_uploader and not at.dataframe, (who, page)
