@@ -154,6 +154,18 @@ class TaskHistory(Base):
     finished_at: Mapped[float] = mapped_column(Float)
 
 
+class NodeScriptFailure(Base):
+    """A node where a script's top-level code raised (e.g. a package it imports is missing)."""
+
+    __tablename__ = "node_script_failures"
+
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    script_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str] = mapped_column(Text)
+    failed_at: Mapped[float] = mapped_column(Float)
+
+
 class DispatcherLease(Base):
     """At most one dispatcher runs projects at a time; it holds this row's lease.
 

@@ -39,7 +39,8 @@ from engine import cluster, nodes
 from engine.batching import BatchSizer
 from engine.executor import Limits
 from engine import verification
-from engine.models import DatasetChunk, DispatcherLease, Project, Replica, Task
+from engine.models import (DatasetChunk, DispatcherLease, NodeScriptFailure, Project, Replica,
+                           Task)
 from engine.replication import ReplicaTracker
 from engine.verification import Comparison
 from engine.settings import Settings
@@ -73,7 +74,11 @@ def run_batch_on_node(source: Any, filename: str, columns: list[str], payload: b
     limits = Limits(**{**limits.__dict__,
                        "hidden_paths": limits.hidden_paths + (context.get_temp_dir(),)})
     started = time.perf_counter()
-    outcome = executor.run_rows(source, filename, columns, pickle.loads(payload), limits)
+    try:
+        outcome = executor.run_rows(source, filename, columns, pickle.loads(payload), limits)
+    except executor.SandboxUnavailable as exc:
+        # Reported, not raised: the dispatcher must learn which node it was, to avoid it.
+        outcome = str(exc)
     seconds = time.perf_counter() - started
     return pickle.dumps((context.get_node_id(), outcome, seconds), protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -127,7 +132,7 @@ class Dispatcher:
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._runs: dict[int, _Run] = {}
         self._owner_cycle: deque[int] = deque()
-        self._remote = None
+        self._remote = self._remote_fn = None
         self._max_inflight = 4
         self._alive_nodes: set[str] = set()
         self._excluded_nodes: set[str] = set()   # unclaimed nodes, unless the admin allows them
@@ -155,7 +160,8 @@ class Dispatcher:
         cluster.connect(self.settings)
         import ray
 
-        self._remote = ray.remote(run_batch_on_node).options(num_cpus=1, max_retries=3)
+        self._remote_fn = ray.remote(num_cpus=1, max_retries=3)(run_batch_on_node)
+        self._remote = self._remote_fn
         self._report("online", "")
         last_renew = last_refresh = 0.0
         try:
@@ -308,7 +314,11 @@ class Dispatcher:
                               sandbox=self.settings.sandbox,
                               hidden_paths=(str(self.settings.data_path),)),
                 source_ref=ray.put(project.script_source),
-                todo=deque(todo), script_sha256=project.script_sha256)
+                todo=deque(todo), script_sha256=project.script_sha256,
+                # Nodes known not to import this script (recorded before a restart).
+                cannot_import=dict(session.execute(
+                    select(NodeScriptFailure.node_id, NodeScriptFailure.error).where(
+                        NodeScriptFailure.script_sha256 == project.script_sha256)).all()))
             if project.replication > 1:
                 run.replicas = ReplicaTracker(
                     replication=project.replication, max_replicas=project.max_replicas,
@@ -440,7 +450,7 @@ class Dispatcher:
         if selector:
             # Keep the batch off unclaimed nodes and nodes that cannot import the script,
             # without pinning it to any node.
-            remote = remote.options(label_selector=selector)
+            remote = self._remote_fn.options(label_selector=selector)
         ref = remote.remote(run.source_ref, run.filename, run.columns, payload, run.limits)
         run.inflight[ref] = batch
 
@@ -495,16 +505,19 @@ class Dispatcher:
                 return  # its duplicate is still running and may yet deliver
             self._retry_or_fail(run, batch, exc)
             return
+        if isinstance(outcome, str):
+            self._sandbox_unavailable_on(run, batch, node_id, outcome)
+            return
+        if outcome.script_error is not None:
+            self._script_failed_on(run, batch, node_id, outcome)
+            return
+        # Only real results settle a range: a copy that could not run leaves its twin going.
         run.finished.add(batch.key)
         for other, sibling in list(run.inflight.items()):
             if sibling.key == batch.key:
                 ray.cancel(other, force=True)
                 del run.inflight[other]
-        if outcome.script_error is None:
-            run.sizer.observe(len(outcome.results), seconds)
-        if outcome.script_error is not None:
-            self._script_failed_on(run, batch, node_id, outcome)
-            return
+        run.sizer.observe(len(outcome.results), seconds)
         if run.replicas is not None:
             self._replicated(run, batch, node_id, outcome.results)
             return
@@ -554,9 +567,28 @@ class Dispatcher:
             run.replicas.requeue(batch.exclude_parties, lost)
         self._maybe_finish(run)
 
+    def _sandbox_unavailable_on(self, run: _Run, batch: _Batch, node_id: str, reason: str) -> None:
+        """Research code must not run on a node without a working sandbox: go elsewhere."""
+        logger.warning("node %s: %s; its batches go to other nodes", node_id[:12], reason)
+        self._excluded_nodes.add(node_id)
+        batch = dataclasses.replace(batch, copy=False)
+        if self._alive_nodes - self._excluded_nodes:
+            if batch.rows is not None and run.replicas is not None:
+                run.replicas.requeue(batch.exclude_parties, batch.rows)
+            else:
+                run.todo.appendleft((batch.start, batch.end))
+            return
+        self._retry_or_fail(run, batch, RuntimeError(f"no node can run research code: {reason}"))
+
     def _script_failed_on(self, run: _Run, batch: _Batch, node_id: str, outcome) -> None:
         """The script's top-level code raised on ``node_id``: try elsewhere, or fail the project."""
         run.cannot_import[node_id] = outcome.script_error
+        if any(b.key == batch.key for b in run.inflight.values()):
+            return  # a copy of this range is running elsewhere
+        with self.store.session() as session:
+            session.merge(NodeScriptFailure(node_id=node_id, script_sha256=run.script_sha256,
+                                            project_id=run.project_id, error=outcome.script_error,
+                                            failed_at=time.time()))
         others = self._alive_nodes - self._excluded_nodes - set(run.cannot_import)
         if others:
             logger.warning("project %s: the script cannot be imported on node %s (%s); "
