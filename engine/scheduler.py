@@ -453,6 +453,8 @@ class Dispatcher:
             remote = self._remote_fn.options(label_selector=selector)
         ref = remote.remote(run.source_ref, run.filename, run.columns, payload, run.limits)
         run.inflight[ref] = batch
+        logger.debug("project %s: batch %d-%d (%d rows) dispatched, selector %s", run.project_id,
+                     batch.start, batch.end, len(rows), selector)
 
     def _rows(self, run: _Run, start: int, end: int) -> list[tuple[int, list]]:
         rows: list[tuple[int, list]] = []
@@ -494,14 +496,17 @@ class Dispatcher:
         import ray
         from ray.exceptions import RayError, TaskCancelledError
 
-        if batch.key in run.finished:
+        # Straggler copies exist only for unreplicated projects; a replica follow-up covers
+        # the same rows on purpose and must never be taken for a copy.
+        copies = run.replicas is None
+        if copies and batch.key in run.finished:
             return  # the other copy of a duplicated batch already delivered
         try:
             node_id, outcome, seconds = pickle.loads(ray.get(ref))
         except TaskCancelledError:
             return
         except RayError as exc:
-            if any(b.key == batch.key for b in run.inflight.values()):
+            if copies and any(b.key == batch.key for b in run.inflight.values()):
                 return  # its duplicate is still running and may yet deliver
             self._retry_or_fail(run, batch, exc)
             return
@@ -512,11 +517,12 @@ class Dispatcher:
             self._script_failed_on(run, batch, node_id, outcome)
             return
         # Only real results settle a range: a copy that could not run leaves its twin going.
-        run.finished.add(batch.key)
-        for other, sibling in list(run.inflight.items()):
-            if sibling.key == batch.key:
-                ray.cancel(other, force=True)
-                del run.inflight[other]
+        if copies:
+            run.finished.add(batch.key)
+            for other, sibling in list(run.inflight.items()):
+                if sibling.key == batch.key:
+                    ray.cancel(other, force=True)
+                    del run.inflight[other]
         run.sizer.observe(len(outcome.results), seconds)
         if run.replicas is not None:
             self._replicated(run, batch, node_id, outcome.results)
@@ -561,6 +567,8 @@ class Dispatcher:
                     if volunteer != nodes.HEAD:
                         verification.update_trust(session, volunteer, run.script_sha256,
                                                   volunteer in agreeing)
+        logger.debug("project %s: %d replicas from %s; %d rows decided, %d waiting",
+                     run.project_id, len(results), party, len(decided), run.replicas.waiting_rows())
         returned = {r.row_index for r in results}
         lost = [i for i in (batch.rows or range(batch.start, batch.end)) if i not in returned]
         if lost:
@@ -583,7 +591,7 @@ class Dispatcher:
     def _script_failed_on(self, run: _Run, batch: _Batch, node_id: str, outcome) -> None:
         """The script's top-level code raised on ``node_id``: try elsewhere, or fail the project."""
         run.cannot_import[node_id] = outcome.script_error
-        if any(b.key == batch.key for b in run.inflight.values()):
+        if run.replicas is None and any(b.key == batch.key for b in run.inflight.values()):
             return  # a copy of this range is running elsewhere
         with self.store.session() as session:
             session.merge(NodeScriptFailure(node_id=node_id, script_sha256=run.script_sha256,
@@ -594,7 +602,10 @@ class Dispatcher:
             logger.warning("project %s: the script cannot be imported on node %s (%s); "
                            "running its batches elsewhere", run.project_id, node_id[:12],
                            outcome.script_error)
-            run.todo.appendleft((batch.start, batch.end))
+            if batch.rows is not None and run.replicas is not None:
+                run.replicas.requeue(batch.exclude_parties, batch.rows)
+            else:
+                run.todo.appendleft((batch.start, batch.end))
             return
         with self.store.session() as session:
             transition_project(
