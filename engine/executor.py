@@ -165,7 +165,7 @@ def _self_test() -> str:
         problems.append("research code runs as uid 0")
     if seen["ray_dir"] or set(seen["home"]) - sandbox.home_entries_allowed():
         problems.append(f"$HOME is not empty: {', '.join(seen['home'])}")
-    if seen["tmp"]:
+    if set(seen["tmp"]) - sandbox.entries_allowed("/tmp"):
         problems.append(f"/tmp is not empty: {', '.join(seen['tmp'])}")
     if seen["ray_env"]:
         problems.append(f"Ray variables are visible: {', '.join(seen['ray_env'])}")

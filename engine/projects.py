@@ -81,8 +81,10 @@ def submit_project(store: Store, settings: Settings, actor: User, *, title: str,
     # Stored as 0 when adaptive: the dispatcher sizes batches from measured row time.
     batch_size = 0 if batch_size is None else int(batch_size)
     row_timeout = settings.row_timeout if row_timeout is None else float(row_timeout)
-    if not 0 < row_timeout <= 24 * 3600:
-        raise InvalidRequest("row timeout must be between 0 and 86400 seconds")
+    if not 0 < row_timeout <= settings.max_row_timeout:
+        raise InvalidRequest(
+            f"row timeout must be more than 0 and at most {settings.max_row_timeout:g} seconds "
+            f"(the administrator's maximum)")
     replication = settings.replication if replication is None else int(replication)
     if not 1 <= replication <= 10:
         raise InvalidRequest("replication must be between 1 and 10")

@@ -199,5 +199,11 @@ def bwrap_argv(hidden_paths: Sequence[str] = ()) -> list[str]:
 
 def home_entries_allowed() -> set[str]:
     """Names that may appear in the sandbox's $HOME: ancestors of bound-back Python paths."""
-    home = sandbox_home().rstrip("/") + "/"
-    return {p[len(home):].split("/", 1)[0] for p in python_paths() if p.startswith(home)}
+    return entries_allowed(sandbox_home())
+
+
+def entries_allowed(directory: str) -> set[str]:
+    """Names that may appear in a masked ``directory``: ancestors of bound-back Python paths
+    (a pyenv under $HOME, a virtual environment under /tmp)."""
+    prefix = directory.rstrip("/") + "/"
+    return {p[len(prefix):].split("/", 1)[0] for p in python_paths() if p.startswith(prefix)}

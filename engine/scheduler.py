@@ -308,11 +308,10 @@ class Dispatcher:
                                  initial=self.settings.batch_size,
                                  target_seconds=self.settings.batch_seconds),
                 rows_total=project.rows_total,
-                limits=Limits(row_timeout=project.row_timeout,
-                              memory_bytes=self.settings.memory_limit_mb << 20,
-                              output_bytes=self.settings.output_limit_mb << 20,
-                              sandbox=self.settings.sandbox,
-                              hidden_paths=(str(self.settings.data_path),)),
+                # Node-wide limits from the settings, the project's row timeout, all capped
+                # by the admin maxima.
+                limits=Limits.from_settings(self.settings, hidden_paths=(str(self.settings.data_path),),
+                                            row_timeout=project.row_timeout),
                 source_ref=ray.put(project.script_source),
                 todo=deque(todo), script_sha256=project.script_sha256,
                 # Nodes known not to import this script (recorded before a restart).

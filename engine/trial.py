@@ -56,10 +56,9 @@ def trial_run(store: Store, settings: Settings, actor: User, script: Script, dat
     The first row also pays for starting the sandbox, hence the median.
     """
     require_role(actor, Role.RESEARCHER)
-    limits = Limits(row_timeout=row_timeout or settings.row_timeout,
-                    memory_bytes=settings.memory_limit_mb << 20,
-                    output_bytes=settings.output_limit_mb << 20,
-                    sandbox=settings.sandbox, hidden_paths=(str(settings.data_path),))
+    # The same limits the cluster applies (settings, capped by the admin maxima).
+    limits = Limits.from_settings(settings, hidden_paths=(str(settings.data_path),),
+                                  row_timeout=row_timeout or settings.row_timeout)
     done: list[TrialRow] = []
     for index in range(min(rows, len(dataset))):
         started = time.monotonic()
