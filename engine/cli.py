@@ -147,9 +147,17 @@ def wait_for_project(store: Store, settings: Settings, project_id: int) -> Proje
     """Block until the project ends. Hands it to a live dispatcher, or runs one meanwhile."""
     from engine.scheduler import Dispatcher
 
+    last_notice: list[str | None] = [None]
+
     def status() -> ProjectStatus:
         with store.session() as session:
-            return ProjectStatus(session.get(Project, project_id).status)
+            project = session.get(Project, project_id)
+            if project.notice != last_notice[0] and project.notice:
+                # e.g. "waiting for 1 more volunteer": say so rather than hang in silence.
+                print(f"project {project_id}: {project.notice} (replication {project.replication}; "
+                      f"--replication 1 runs without verification)", file=sys.stderr, flush=True)
+            last_notice[0] = project.notice
+            return ProjectStatus(project.status)
 
     while not status().is_terminal():
         if store.lease_holder() is not None:

@@ -76,6 +76,9 @@ def run_batch_on_node(source: Any, filename: str, columns: list[str], payload: b
     started = time.perf_counter()
     try:
         outcome = executor.run_rows(source, filename, columns, pickle.loads(payload), limits)
+        # Plain tuples pickle about four times faster than named tuples, on both ends;
+        # a million rows cross here in a big project. The dispatcher reads them by position.
+        outcome.results = [tuple(r) for r in outcome.results]
     except executor.SandboxUnavailable as exc:
         # Reported, not raised: the dispatcher must learn which node it was, to avoid it.
         outcome = str(exc)
@@ -527,13 +530,14 @@ class Dispatcher:
             self._replicated(run, batch, node_id, outcome.results)
             return
         self._store(run, outcome.results, node_id)
-        returned = sorted(r.row_index for r in outcome.results)
+        returned = sorted(r[0] for r in outcome.results)
         for start, end in reversed(_missing_ranges(returned, batch.end, first=batch.start)):
             run.todo.appendleft((start, end))
         self._maybe_finish(run)
 
     def _replicated(self, run: _Run, batch: _Batch, node_id: str, results: list[RowResult]) -> None:
         """A volunteer's replica of some rows came back: keep it, decide what can be decided."""
+        results = [RowResult._make(r) for r in results]
         party = self._party_of.get(node_id)
         if party is None:
             import ray
