@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
-import secrets
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -21,6 +19,7 @@ import bcrypt
 from sqlalchemy import Float, Integer, String, delete, select
 from sqlalchemy.orm import Mapped, mapped_column
 
+from engine.keys import data_secret
 from engine.errors import Forbidden, InvalidRequest, NotFound
 from engine.models import Base, Project, User
 from engine.settings import Settings
@@ -299,17 +298,7 @@ def cookie_key(settings: Settings, configured: str | None = None) -> str:
     else one generated once into ``<data_dir>/secrets/cookie_key`` (mode 0600)."""
     if configured:
         return configured
-    path = settings.data_path / "secrets" / "cookie_key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another process created it first; use theirs
-        else:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_hex(32))
-    return path.read_text().strip()
+    return data_secret(settings, "cookie_key")
 
 
 # -- authorisation ---------------------------------------------------------------------

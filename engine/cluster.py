@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 from engine.errors import ClusterUnavailable
+from engine.keys import data_secret
 from engine.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -32,13 +32,7 @@ _HEAD_START_SECONDS = 60.0
 
 def cluster_token(settings: Settings) -> str:
     """The cluster's auth token, created on first use."""
-    path = settings.data_path / "secrets" / "cluster_token"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32))
-    return path.read_text().strip()
+    return data_secret(settings, "cluster_token")
 
 
 def auth_env(settings: Settings) -> dict[str, str]:

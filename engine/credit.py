@@ -32,7 +32,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from engine.errors import InvalidRequest
 from engine.models import Base, Project
-from engine.nodes import HEAD, Node
+from engine.nodes import HEAD
 from engine.status import ProjectStatus
 from engine.store import Store
 
@@ -98,25 +98,30 @@ ACCEPTED_VERIFICATIONS = ("verified", "verified-by-trust")
 
 # (source table, SQL for "this execution is accepted") by whether the project replicates.
 _SOURCES = {
-    True: ("replicas", "x.agreed = 1 AND x.status = 'succeeded'"),
+    True: ("replicas", "x.agreed = TRUE AND x.status = 'succeeded'"),
     False: ("tasks", "x.status = 'succeeded' AND x.verification IN ("
                      + ", ".join(f"'{v}'" for v in ACCEPTED_VERIFICATIONS) + ")"),
 }
 
 
-def _rollup_sql(replicated: bool):
+# The UNIX hour of a finish time. SQLite's CAST truncates; PostgreSQL's rounds, so it floors.
+_HOUR = {"sqlite": "CAST(x.finished_at / 3600 AS INTEGER)",
+         "postgresql": "CAST(FLOOR(x.finished_at / 3600) AS INTEGER)"}
+
+
+def _rollup_sql(replicated: bool, dialect: str = "sqlite"):
     table, accepted = _SOURCES[replicated]
     earns = f"{accepted} AND (n.revoked_at IS NULL OR x.finished_at < n.revoked_at)"
     return text(f"""
         INSERT INTO credit_rollup (project_id, node_id, hour, completed, accepted, cpu_seconds,
                                    last_finished)
-        SELECT x.project_id, x.node_id, CAST(x.finished_at / 3600 AS INTEGER) AS hour, COUNT(*),
+        SELECT x.project_id, x.node_id, {_HOUR[dialect]} AS hour, COUNT(*),
                SUM(CASE WHEN {earns} THEN 1 ELSE 0 END),
                SUM(CASE WHEN {earns} THEN x.cpu_seconds ELSE 0 END),
                MAX(x.finished_at)
         FROM {table} AS x LEFT JOIN nodes AS n ON n.node_id = x.node_id
         WHERE x.project_id = :p AND x.node_id IS NOT NULL
-        GROUP BY x.node_id, hour
+        GROUP BY x.project_id, x.node_id, hour
     """)
 
 
@@ -168,7 +173,8 @@ def _sum_project(store: Store, project_id: int, snapshot: str) -> None:
     with store.session() as session:
         median, accepted = project_median(session, project_id)
         session.execute(delete(CreditRollup).where(CreditRollup.project_id == project_id))
-        session.execute(_rollup_sql(_replicated(session, project_id)), {"p": project_id})
+        session.execute(_rollup_sql(_replicated(session, project_id), session.get_bind().dialect.name),
+                        {"p": project_id})
         entry = session.get(ProjectCredit, project_id) or ProjectCredit(project_id=project_id)
         entry.median_cpu_seconds, entry.accepted, entry.snapshot = median, accepted, snapshot
         entry.refreshed_at = time.time()

@@ -21,9 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import re
-import secrets
 import shlex
 import sys
 import time
@@ -36,6 +34,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from engine import cluster
 from engine.accounts import Role, is_admin, require_role
 from engine.errors import NotFound
+from engine.keys import data_secret
 from engine.models import Base, User
 from engine.settings import Settings
 from engine.store import Store
@@ -105,18 +104,7 @@ class VolunteerKey(Base):
 
 def _server_secret(settings: Settings) -> bytes:
     """The HMAC key, created on first use in the data directory (mode 0600, never logged)."""
-    path = settings.data_path / "secrets" / "volunteer_signing_key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another process created it first; use theirs
-        else:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_hex(32))
-            logger.info("nodes: created the volunteer signing key in %s", path.parent)
-    return bytes.fromhex(path.read_text().strip())
+    return bytes.fromhex(data_secret(settings, "volunteer_signing_key"))
 
 
 def signature(settings: Settings, volunteer: str, generation: int) -> str:

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from conftest import engine_env, fixture_bytes, python, short_tempdir, write_token
 from engine import accounts, projects
