@@ -106,3 +106,40 @@ def engine_env(settings: Settings) -> dict[str, str]:
 
 def python() -> str:
     return sys.executable
+
+
+def submit_numbers(store: Store, settings: Settings, script: str, n: int, *,
+                   source: bytes | None = None, **options) -> int:
+    """Submit ``script`` (a file in tests/fixtures, or ``source``) over a CSV of x = 0..n-1."""
+    from engine import accounts, projects
+
+    data = b"x\n" + b"".join(b"%d\n" % i for i in range(n))
+    return projects.submit_project(
+        store, settings, accounts.local_admin(store), title=script, script_name=script,
+        script_bytes=source if source is not None else fixture_bytes(script),
+        dataset_name="d.csv", dataset_bytes=data, **options)
+
+
+def project_ended(store: Store, project_id: int) -> bool:
+    from engine.models import Project
+    from engine.status import ProjectStatus
+
+    with store.session() as session:
+        return ProjectStatus(session.get(Project, project_id).status).is_terminal()
+
+
+def run_to_end(store: Store, settings: Settings, project_id: int, timeout: float = 180):
+    """Run a dispatcher in this process until the project ends; returns its status view."""
+    import time
+
+    from engine import accounts, projects
+    from engine.scheduler import Dispatcher
+
+    deadline = time.monotonic() + timeout
+
+    def ended() -> bool:
+        assert time.monotonic() < deadline, "the project did not end in time"
+        return project_ended(store, project_id)
+
+    Dispatcher(store, settings).run(until=ended)
+    return projects.project_status(store, accounts.local_admin(store), project_id)

@@ -5,28 +5,10 @@ import logging
 import pytest
 from sqlalchemy import func, select
 
-from conftest import fixture_bytes
-from engine import accounts, projects
-from engine.models import Project, Task
-from engine.scheduler import Dispatcher
-from engine.status import ProjectStatus
+from conftest import run_to_end, submit_numbers as submit
+from engine.models import Task
 
 pytestmark = pytest.mark.slow
-
-
-def submit(store, settings, script, n, **kw):
-    data = b"x\n" + b"".join(b"%d\n" % i for i in range(n))
-    return projects.submit_project(
-        store, settings, accounts.local_admin(store), title=script, script_name=script,
-        script_bytes=fixture_bytes(script), dataset_name="d.csv", dataset_bytes=data, **kw)
-
-
-def run_to_end(store, settings, pid):
-    def ended():
-        with store.session() as s:
-            return ProjectStatus(s.get(Project, pid).status).is_terminal()
-    Dispatcher(store, settings).run(until=ended)
-    return projects.project_status(store, accounts.local_admin(store), pid)
 
 
 def stored_batches(store, pid):

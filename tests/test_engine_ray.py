@@ -8,33 +8,14 @@ import time
 import pytest
 from sqlalchemy import select
 
-from conftest import fixture_bytes
+from conftest import fixture_bytes, run_to_end, submit_numbers as submit
 from engine import accounts, projects
 from engine.export import export_results
-from engine.models import Project, Task
+from engine.models import Task
 from engine.scheduler import Dispatcher
 from engine.status import ProjectStatus, RowResult, record_results, transition_project
 
 pytestmark = pytest.mark.slow
-
-
-def submit(store, settings, script, n, **kw):
-    data = b"x\n" + b"".join(b"%d\n" % i for i in range(n))
-    return projects.submit_project(
-        store, settings, accounts.local_admin(store), title=script, script_name=script,
-        script_bytes=fixture_bytes(script), dataset_name="d.csv", dataset_bytes=data, **kw)
-
-
-def run_to_end(store, settings, pid, timeout=120):
-    deadline = time.monotonic() + timeout
-
-    def ended():
-        assert time.monotonic() < deadline, "project did not end in time"
-        with store.session() as s:
-            return ProjectStatus(s.get(Project, pid).status).is_terminal()
-
-    Dispatcher(store, settings).run(until=ended)
-    return projects.project_status(store, accounts.local_admin(store), pid)
 
 
 def results(store, pid):

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from conftest import SESSION_TOKEN, fixture_bytes, free_port, short_tempdir
+from conftest import (SESSION_TOKEN, free_port, project_ended as ended, short_tempdir,
+                      submit_numbers as submit)
 from engine import accounts, cluster, projects
-from engine.models import NodeScriptFailure, Project, Task
+from engine.models import NodeScriptFailure, Task
 from engine.scheduler import Dispatcher
-from engine.status import ProjectStatus
 
 pytestmark = pytest.mark.slow
 
@@ -66,18 +66,6 @@ class WorkerNode:
         leftovers = subprocess.run(["pgrep", "-f", str(self.temp_dir)], capture_output=True, text=True)
         for pid in leftovers.stdout.split():
             os.kill(int(pid), signal.SIGKILL)
-
-
-def submit(store, settings, script, n, source=None, **kw):
-    data = b"x\n" + b"".join(b"%d\n" % i for i in range(n))
-    return projects.submit_project(
-        store, settings, accounts.local_admin(store), title=script, script_name=script,
-        script_bytes=source or fixture_bytes(script), dataset_name="d.csv", dataset_bytes=data, **kw)
-
-
-def ended(store, pid):
-    with store.session() as s:
-        return ProjectStatus(s.get(Project, pid).status).is_terminal()
 
 
 def node_of_rows(store, pid):

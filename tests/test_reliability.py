@@ -10,21 +10,14 @@ import time
 import pytest
 from sqlalchemy import select
 
-from conftest import engine_env, fixture_bytes, python, short_tempdir, write_token
+from conftest import (engine_env, fixture_bytes, project_ended as ended, python, run_to_end,
+                      short_tempdir, submit_numbers as submit, write_token)
 from engine import accounts, projects
 from engine.models import Project, Task, TaskHistory
 from engine.scheduler import Dispatcher
-from engine.status import ProjectStatus
 from engine.store import Store
 
 pytestmark = pytest.mark.slow
-
-
-def submit(store, settings, script, n, **kw):
-    data = b"x\n" + b"".join(b"%d\n" % i for i in range(n))
-    return projects.submit_project(
-        store, settings, accounts.local_admin(store), title=script, script_name=script,
-        script_bytes=fixture_bytes(script), dataset_name="d.csv", dataset_bytes=data, **kw)
 
 
 def status(store, pid):
@@ -36,16 +29,6 @@ def wait_for(predicate, timeout=60.0, interval=0.1):
     while not predicate():
         assert time.monotonic() < deadline, "timed out waiting"
         time.sleep(interval)
-
-
-def ended(store, pid):
-    with store.session() as s:
-        return ProjectStatus(s.get(Project, pid).status).is_terminal()
-
-
-def run_to_end(store, settings, pid):
-    Dispatcher(store, settings).run(until=lambda: ended(store, pid))
-    return status(store, pid)
 
 
 def assert_every_row_once(store, pid, total):
