@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import pickle
+import platform
 import socket
 import time
 import uuid
@@ -83,7 +84,11 @@ def run_batch_on_node(source: Any, filename: str, columns: list[str], payload: b
         # Reported, not raised: the dispatcher must learn which node it was, to avoid it.
         outcome = str(exc)
     seconds = time.perf_counter() - started
-    return pickle.dumps((context.get_node_id(), outcome, seconds), protocol=pickle.HIGHEST_PROTOCOL)
+    # What this node is, measured here (cached per worker): the registry shows it.
+    facts = {"sandbox": executor.sandbox_status(), "python_version": platform.python_version(),
+             "ray_version": ray.__version__}
+    return pickle.dumps((context.get_node_id(), outcome, seconds, facts),
+                        protocol=pickle.HIGHEST_PROTOCOL)
 
 
 @dataclass
@@ -123,6 +128,7 @@ class _Run:
     replicas: ReplicaTracker | None = None            # None when replication is 1
     followups: deque = field(default_factory=deque)   # replica batches ready to dispatch
     notice: str | None = None
+    unsandboxed: bool = False                         # some rows ran without a sandbox
 
     def remaining(self) -> int:
         return sum(end - start for start, end in self.todo)
@@ -142,6 +148,7 @@ class Dispatcher:
         self._party_of: dict[str, str] = {}       # node id -> volunteer name, or "head"
         self._nodes_of: dict[str, set[str]] = {}  # volunteer name or "head" -> its node ids
         self._last_registry_sync = 0.0
+        self._facts_recorded: set[str] = set()
         self._head_lost_since: float | None = None
         self._unstored: list[tuple[_Run, list[RowResult], str | None]] = []
         self.store_error: str = ""
@@ -504,7 +511,7 @@ class Dispatcher:
         if copies and batch.key in run.finished:
             return  # the other copy of a duplicated batch already delivered
         try:
-            node_id, outcome, seconds = pickle.loads(ray.get(ref))
+            node_id, outcome, seconds, facts = pickle.loads(ray.get(ref))
         except TaskCancelledError:
             return
         except RayError as exc:
@@ -512,6 +519,7 @@ class Dispatcher:
                 return  # its duplicate is still running and may yet deliver
             self._retry_or_fail(run, batch, exc)
             return
+        self._note_node(run, node_id, facts)
         if isinstance(outcome, str):
             self._sandbox_unavailable_on(run, batch, node_id, outcome)
             return
@@ -577,6 +585,20 @@ class Dispatcher:
         if lost:
             run.replicas.requeue(batch.exclude_parties, lost)
         self._maybe_finish(run)
+
+    def _note_node(self, run: _Run, node_id: str, facts: dict) -> None:
+        """Record a node's own facts once, and warn on a project that ran unsandboxed."""
+        if node_id not in self._facts_recorded:
+            nodes.record_node_facts(self.store, node_id, **facts)
+            self._facts_recorded.add(node_id)
+        if facts["sandbox"] != "available" and self.settings.allow_unsandboxed and not run.unsandboxed:
+            run.unsandboxed = True
+            warning = ("warning: some rows ran on a node without a working sandbox "
+                       "(allowed by the administrator)")
+            logger.warning("project %s: %s (node %s)", run.project_id, warning, node_id[:12])
+            with self.store.session() as session:
+                session.execute(update(Project).where(Project.id == run.project_id)
+                                .values(notice=warning))
 
     def _sandbox_unavailable_on(self, run: _Run, batch: _Batch, node_id: str, reason: str) -> None:
         """Research code must not run on a node without a working sandbox: go elsewhere."""

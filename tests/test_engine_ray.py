@@ -2,6 +2,7 @@
 
 import io
 import json
+import platform
 import threading
 import time
 
@@ -9,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from conftest import fixture_bytes, run_to_end, submit_numbers as submit
-from engine import accounts, projects
+from engine import accounts, nodes, projects
 from engine.export import export_results
 from engine.models import Task
 from engine.scheduler import Dispatcher
@@ -42,6 +43,9 @@ def test_every_row_runs_once_and_failures_stay_rows(store, cluster_settings):
         task = s.get(Task, (pid, 3))
         assert 'File "raises.py", line 3, in main' in task.traceback
         assert task.node_id  # the Ray node that ran it
+        node = s.get(nodes.Node, task.node_id)
+        # The node measured its own sandbox and versions; the registry shows them.
+        assert (node.sandbox, node.python_version) == ("available", platform.python_version())
 
 
 def test_rows_reach_main_as_typed_dicts(store, cluster_settings):
