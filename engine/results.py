@@ -33,6 +33,7 @@ class ResultRow:
     status: str
     output: Any
     error: str | None
+    verification: str | None = None  # verified, verified-by-trust, unverified, inconclusive
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def results_page(store: Store, actor, project_id: int, *, start: int = 0,
         columns = json.loads(project.columns_json)
         end = min(start + limit, project.rows_total)
         tasks = {t.row_index: t for t in session.execute(
-            select(Task.row_index, Task.status, Task.output, Task.error)
+            select(Task.row_index, Task.status, Task.output, Task.error, Task.verification)
             .where(Task.project_id == project_id, Task.row_index >= start,
                    Task.row_index < end)).all()}
         inputs = _inputs(session, project_id, range(start, end))
@@ -83,7 +84,7 @@ def failed_page(store: Store, actor, project_id: int, *, after: int = -1,
         project = visible_project(session, actor, project_id)
         columns = json.loads(project.columns_json)
         tasks = session.execute(
-            select(Task.row_index, Task.status, Task.output, Task.error)
+            select(Task.row_index, Task.status, Task.output, Task.error, Task.verification)
             .where(Task.project_id == project_id, Task.status == TaskStatus.FAILED.value,
                    Task.row_index > after)
             .order_by(Task.row_index).limit(limit + 1)).all()
@@ -101,8 +102,10 @@ def error_groups(store: Store, actor, project_id: int) -> list[ErrorGroup]:
     with store.session() as session:
         visible_project(session, actor, project_id)
         # The type is the error text before its first colon ("ValueError: ...").
+        # SQLite's instr is PostgreSQL's strpos (same arguments).
+        find = "strpos" if session.get_bind().dialect.name == "postgresql" else "instr"
         groups = session.execute(text(
-            "SELECT CASE WHEN instr(error, ':') > 0 THEN substr(error, 1, instr(error, ':') - 1) "
+            f"SELECT CASE WHEN {find}(error, ':') > 0 THEN substr(error, 1, {find}(error, ':') - 1) "
             "ELSE error END AS kind, count(*) AS n, min(row_index) AS first "
             "FROM tasks WHERE project_id = :p AND status = 'failed' "
             "GROUP BY kind ORDER BY n DESC, first"), {"p": project_id}).all()
@@ -137,4 +140,4 @@ def _row(index: int, columns: list[str], values: list | None, task) -> ResultRow
     if task is None:
         return ResultRow(index, as_dict, TaskStatus.PENDING.value, None, None)
     output = json.loads(task.output) if task.output is not None else None
-    return ResultRow(index, as_dict, task.status, output, task.error)
+    return ResultRow(index, as_dict, task.status, output, task.error, task.verification)

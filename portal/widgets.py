@@ -67,6 +67,22 @@ def counts(view: ProjectStatusView) -> None:
                    else ("done" if view.status == "complete" else "–"))
 
 
+def verification_counts(view: ProjectStatusView) -> None:
+    """Replicated projects: verified, inconclusive and pending rows, and executions per row."""
+    if view.notice:
+        st.warning(errors.plain(view.notice), icon=":material/group_add:")
+    if view.replication <= 1:
+        st.caption("Replication 1: results are unverified.")
+        return
+    cols = st.columns(4)
+    cols[0].metric("Verified", f"{view.rows_verified:,}")
+    cols[1].metric("Inconclusive", f"{view.rows_inconclusive:,}")
+    cols[2].metric("Awaiting quorum", f"{view.rows_pending:,}")
+    cols[3].metric("Executions per row",
+                   "–" if view.executions_per_task is None else f"{view.executions_per_task:.2f}",
+                   help=f"Replication {view.replication}: the overhead of verification.")
+
+
 def checked(slot: str, upload, check):
     """Run ``check`` on an uploaded file once per upload (parsing a large dataset on every
     rerun would be slow) and show its engine error. Returns the checked value or None.
@@ -133,6 +149,7 @@ def project_panel(store, user, view: ProjectStatusView, cancel) -> None:
         errors.show(failure)
     progress(view)
     counts(view)
+    verification_counts(view)
     if view.error:
         st.error(errors.plain(view.error), icon=":material/error:")
         if view.error_traceback:
@@ -194,7 +211,7 @@ def results_table(page) -> None:
     frame = pd.DataFrame([
         {"row": r.row, **{f"in: {c}": r.values.get(c) for c in page.columns}, "status": r.status,
          "output": None if r.output is None else json.dumps(r.output, ensure_ascii=False),
-         "error": r.error} for r in page.rows])
+         "error": r.error, "verification": r.verification} for r in page.rows])
     st.dataframe(frame, hide_index=True)
 
 

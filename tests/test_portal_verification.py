@@ -1,0 +1,34 @@
+"""The Projects and Results pages show verification: counts, overhead, notice, per-row state."""
+
+from test_portal import open_page, portal, signed_in  # noqa: F401  (portal is a fixture)
+
+from engine import accounts, projects
+from engine.models import Project
+from engine.status import ProjectStatus, RowResult, decide_rows, record_replicas, transition_project
+from conftest import fixture_bytes
+
+
+def test_replicated_project_shows_verification_on_status_and_results(portal):
+    store = portal
+    ada = accounts.get_user(store, "ada")
+    settings = store.settings
+    pid = projects.submit_project(
+        store, settings, ada, title="replicated", script_name="square.py",
+        script_bytes=fixture_bytes("square.py"), dataset_name="d.csv",
+        dataset_bytes=b"x\n1\n2\n3\n", replication=2)
+    ok = [RowResult(0, True, "1", None, None, 0.1), RowResult(1, True, "4", None, None, 0.1)]
+    with store.session() as s:
+        transition_project(s, pid, ProjectStatus.RUNNING)
+        record_replicas(s, pid, "alice", "n1", ok)
+        record_replicas(s, pid, "bob", "n2", ok)
+        record_replicas(s, pid, "alice", "n1", [RowResult(2, True, "9", None, None, 0.1)])
+        decide_rows(s, pid, [(ok[0], "n1", "verified", ("alice", "bob"), ("alice", "bob")),
+                             (ok[1], "n1", "verified", ("alice", "bob"), ("alice", "bob"))])
+        s.get(Project, pid).notice = "waiting for 1 more volunteer"
+    at = open_page(signed_in("ada"), "app_pages/projects.py")
+    metrics = {m.label: m.value for m in at.metric}
+    assert (metrics["Verified"], metrics["Inconclusive"], metrics["Executions per row"]) == ("2", "0", "2.50")
+    assert any("waiting for 1 more volunteer" in w.value for w in at.warning)
+    at = open_page(at, "app_pages/results.py", id=pid)
+    table = at.dataframe[0].value
+    assert list(table["verification"][:2]) == ["verified", "verified"]
