@@ -10,17 +10,39 @@ user = auth.require(Role.VOLUNTEER)
 store, settings = state.store(), state.settings()
 widgets.header("Join cluster", ":material/add_link:",
                "Lend your machine's spare CPUs: run one command, and it joins the cluster.")
+
+
+def _rotate() -> None:
+    with errors.shown():
+        nodes.rotate_signature(store, user.name, actor=user)
+        st.session_state["_rotated"] = True
+
+
 with errors.shown():
     command = nodes.join_command(store, settings, user.name)
-    mine = nodes.list_nodes(store, user)
 # Engine-written instructions (no user content), rendered as Markdown.
 st.markdown(nodes.install_instructions(settings))
 st.warning("This command contains the cluster token. Do not share it.", icon=":material/key:")
 st.code(command, language="bash")
-st.subheader("Your machines")
-if not mine:
-    st.info("No machine of yours has joined yet.", icon=":material/inbox:")
-else:
-    st.dataframe(pd.DataFrame([{"node": n.node_id[:12], "host": n.hostname, "status": n.status,
-                                "CPUs": n.cpus, "tasks": n.tasks_completed,
-                                "last active": n.last_activity} for n in mine]), hide_index=True)
+if st.session_state.pop("_rotated", False):
+    st.success("Signature rotated: your machines stop earning until they re-join with the "
+               "command above.", icon=":material/autorenew:")
+st.button("Rotate my signature", icon=":material/autorenew:", on_click=_rotate,
+          help="If the command leaked: the old signature stops earning at once.")
+
+
+@st.fragment(run_every=2)
+def _my_machines() -> None:
+    st.subheader("Your machines")
+    with errors.shown():
+        mine = nodes.list_nodes(store, user)
+        if not mine:
+            st.info("No machine of yours has joined yet.", icon=":material/inbox:")
+            return
+        st.dataframe(pd.DataFrame([{"node": n.node_id[:12], "host": n.hostname, "status": n.status,
+                                    "CPUs": n.cpus, "sandbox": n.sandbox,
+                                    "tasks": n.tasks_completed, "last active": n.last_activity}
+                                   for n in mine]), hide_index=True)
+
+
+_my_machines()

@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
 
     join = commands.add_parser("join-command", help="the command that joins a machine as VOLUNTEER's node")
     join.add_argument("volunteer")
+    rotate = commands.add_parser("rotate-signature",
+                                 help="void VOLUNTEER's node signature; their nodes must re-join")
+    rotate.add_argument("volunteer")
     node_list = commands.add_parser("nodes", help="the node registry")
     node_list.add_argument("--json", action="store_true")
     board = commands.add_parser("leaderboard", help="volunteers ranked by credit")
@@ -256,6 +259,15 @@ def _join_command(args, settings: Settings) -> int:
     return 0
 
 
+def _rotate_signature(args, settings: Settings) -> int:
+    from engine import nodes
+
+    generation = nodes.rotate_signature(Store(settings), args.volunteer)
+    print(f"volunteer {args.volunteer}: signature rotated (generation {generation}); "
+          f"their nodes earn again once they re-join with the new join command")
+    return 0
+
+
 def _nodes(args, settings: Settings) -> int:
     from engine import credit, nodes
 
@@ -317,5 +329,5 @@ def _serve(args, settings: Settings) -> int:
 _COMMANDS = {"submit": _submit, "status": _status, "results": _results, "cancel": _cancel,
              "list": _list, "init": _init, "rerun-failed": _rerun_failed, "backup": _backup,
              "user": _user,
-             "join-command": _join_command, "nodes": _nodes, "leaderboard": _leaderboard,
+             "join-command": _join_command, "rotate-signature": _rotate_signature, "nodes": _nodes, "leaderboard": _leaderboard,
              "dispatcher": _dispatcher, "serve": _serve}

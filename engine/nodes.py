@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import Boolean, Float, Index, Integer, String, select, update
+from sqlalchemy import Boolean, Text, Float, Index, Integer, String, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from engine import cluster
@@ -83,7 +83,8 @@ class Node(Base):
     python_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
     ray_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
     # Filled in by the sandbox check (security issue); "unknown" until then.
-    sandbox: Mapped[str] = mapped_column(String(32), default="unknown")
+    # "available", "unavailable: <reason>" or "unknown"; the reason can be long.
+    sandbox: Mapped[str] = mapped_column(Text, default="unknown")
     first_seen: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float] = mapped_column(Float)
     online: Mapped[bool] = mapped_column(Boolean, default=True)
@@ -191,11 +192,16 @@ def install_instructions(settings: Settings) -> str:
     )
 
 
-def rotate_signature(store: Store, volunteer_name: str) -> int:
+def rotate_signature(store: Store, volunteer_name: str, actor: User | None = None) -> int:
     """Void ``volunteer_name``'s current signature; returns the new generation.
 
     Their nodes stop earning at once and are unclaimed until they join with the new command.
+    ``actor`` (when acting for a signed-in user) must be that volunteer or an admin.
     """
+    if actor is not None:
+        require_role(actor, Role.VOLUNTEER)
+        if actor.name != volunteer_name and not is_admin(actor):
+            raise NotFound(f"no volunteer named {volunteer_name!r}")
     now = time.time()
     with store.session() as session:
         user = _volunteer(session, volunteer_name)
@@ -381,14 +387,18 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
 
-def list_nodes(store: Store, actor: User | None = None) -> list[NodeView]:
-    """Nodes in the registry: all of them for an admin (or ``actor=None``, the operator's
-    CLI), only their own for a volunteer. Online first, then most recently seen."""
+OPERATOR = "operator"  # the machine's own operator (the CLI), who sees every node
+
+
+def list_nodes(store: Store, actor: User | None | str = OPERATOR) -> list[NodeView]:
+    """Nodes in the registry: all of them for an admin or the operator, only their own for a
+    volunteer. Online first, then most recently seen. Anyone else, anonymous (``None``)
+    included, is refused."""
     from engine import credit
 
     with store.session() as session:
         query = select(Node).order_by(Node.online.desc(), Node.last_seen.desc(), Node.node_id)
-        if actor is not None:
+        if actor != OPERATOR:
             require_role(actor, Role.VOLUNTEER)
             if not is_admin(actor):
                 query = query.where(Node.volunteer == actor.name)

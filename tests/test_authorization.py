@@ -147,8 +147,6 @@ def test_researchers_do_not_see_nodes_and_volunteers_see_their_own(store, people
     assert nodes.list_nodes(store, people["vera"]) == []
 
 
-@pytest.mark.xfail(strict=True, reason="engine.nodes.list_nodes treats actor=None as the operator's "
-                   "CLI and returns every node; an anonymous visitor must reach only the leaderboard")
 def test_anonymous_does_not_reach_the_node_list(store):
     with pytest.raises(Forbidden):
         nodes.list_nodes(store, None)
