@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 _REFRESH_SECONDS = 0.25
 _REGISTRY_SECONDS = 2.0
 _HEAD_LOST_SECONDS = 10.0
+_WAITING = "waiting for "  # how the notice of a project short of volunteers begins
 
 
 class LeaseLost(RuntimeError):
@@ -288,7 +289,7 @@ class Dispatcher:
 
     def _update_notice(self, run: _Run) -> None:
         missing = run.replicas.replication - len(self._parties_online())
-        notice = (f"waiting for {missing} more volunteer{'s' if missing > 1 else ''}"
+        notice = (f"{_WAITING}{missing} more volunteer{'s' if missing > 1 else ''}"
                   if missing > 0 else None)
         if notice != run.notice:
             run.notice = notice
@@ -324,6 +325,10 @@ class Dispatcher:
                                             row_timeout=project.row_timeout),
                 source_ref=ray.put(project.script_source),
                 todo=deque(todo), script_sha256=project.script_sha256,
+                # A "waiting for N more volunteers" left by an earlier dispatcher:
+                # _update_notice writes only changes, so it must start from it (or a
+                # stale one outlives the wait). Other notices are not its to clear.
+                notice=project.notice if (project.notice or "").startswith(_WAITING) else None,
                 # Nodes known not to import this script (recorded before a restart).
                 cannot_import=dict(session.execute(
                     select(NodeScriptFailure.node_id, NodeScriptFailure.error).where(
