@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--replication", type=int,
                         help="volunteers that must agree on each row (default: the setting, 2)")
     submit.add_argument("--comparison", choices=("exact", "numeric"), default="exact")
+    submit.add_argument("--memory-limit-mb", type=int, help="address space per row's process")
+    submit.add_argument("--output-limit-mb", type=int, help="largest output of one row")
     submit.add_argument("--tolerance", type=float, default=1e-9,
                         help="relative tolerance of the numeric comparison")
     submit.add_argument("--wait", action="store_true",
@@ -138,7 +140,8 @@ def _submit(args, settings: Settings) -> int:
         script_bytes=args.script.read_bytes(), dataset_name=args.dataset.name,
         dataset_bytes=args.dataset.read_bytes(), batch_size=args.batch_size,
         row_timeout=args.row_timeout, replication=args.replication, comparison=args.comparison,
-        tolerance=args.tolerance)
+        tolerance=args.tolerance, memory_limit_mb=args.memory_limit_mb,
+        output_limit_mb=args.output_limit_mb)
     print(project_id, flush=True)
     if not args.wait:
         return 0

@@ -61,6 +61,9 @@ class Project(Base):
     rows_failed: Mapped[int] = mapped_column(Integer, default=0)
     batch_size: Mapped[int] = mapped_column(Integer)
     row_timeout: Mapped[float] = mapped_column(Float)
+    # Per-project sandbox limits (None: the settings' defaults), at most the admin maxima.
+    memory_limit_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    output_limit_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     error_traceback: Mapped[str | None] = mapped_column(Text, nullable=True)
     # 1 for the first run; each "re-run failed rows" starts the next attempt.

@@ -72,7 +72,8 @@ def submit_project(store: Store, settings: Settings, actor: User, *, title: str,
                    dataset_bytes: bytes, description: str = "", batch_size: int | None = None,
                    row_timeout: float | None = None, replication: int | None = None,
                    comparison: str = "exact", tolerance: float = 1e-9,
-                   max_replicas: int | None = None) -> int:
+                   max_replicas: int | None = None, memory_limit_mb: int | None = None,
+                   output_limit_mb: int | None = None) -> int:
     """Check and store a new project; returns its id. Raises before storing anything if invalid."""
     require_role(actor, Role.RESEARCHER)
     script, dataset = check_upload(settings, script_name, script_bytes, dataset_name, dataset_bytes)
@@ -85,6 +86,11 @@ def submit_project(store: Store, settings: Settings, actor: User, *, title: str,
         raise InvalidRequest(
             f"row timeout must be more than 0 and at most {settings.max_row_timeout:g} seconds "
             f"(the administrator's maximum)")
+    for name, value, maximum in (("memory limit", memory_limit_mb, settings.max_memory_limit_mb),
+                                 ("output limit", output_limit_mb, settings.max_output_limit_mb)):
+        if value is not None and not 1 <= int(value) <= maximum:
+            raise InvalidRequest(f"the {name} must be between 1 and {maximum} MB "
+                                 f"(the administrator's maximum)")
     replication = settings.replication if replication is None else int(replication)
     if not 1 <= replication <= 10:
         raise InvalidRequest("replication must be between 1 and 10")
@@ -105,6 +111,7 @@ def submit_project(store: Store, settings: Settings, actor: User, *, title: str,
             columns_json=json.dumps(dataset.columns), rows_total=len(dataset),
             batch_size=batch_size, row_timeout=row_timeout, replication=replication,
             max_replicas=max_replicas, comparison=comparison, tolerance=float(tolerance),
+            memory_limit_mb=memory_limit_mb, output_limit_mb=output_limit_mb,
             created_at=time.time())
         session.add(project)
         session.flush()

@@ -321,8 +321,11 @@ class Dispatcher:
                 rows_total=project.rows_total,
                 # Node-wide limits from the settings, the project's row timeout, all capped
                 # by the admin maxima.
-                limits=Limits.from_settings(self.settings, hidden_paths=(str(self.settings.data_path),),
-                                            row_timeout=project.row_timeout),
+                limits=Limits.from_settings(
+                    self.settings, hidden_paths=(str(self.settings.data_path),),
+                    row_timeout=project.row_timeout,
+                    memory_bytes=(project.memory_limit_mb or self.settings.memory_limit_mb) << 20,
+                    output_bytes=(project.output_limit_mb or self.settings.output_limit_mb) << 20),
                 source_ref=ray.put(project.script_source),
                 todo=deque(todo), script_sha256=project.script_sha256,
                 # A "waiting for N more volunteers" left by an earlier dispatcher:
