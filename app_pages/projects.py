@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from engine import Role, cancel_project, list_projects, project_status
+from engine import Role, cancel_project, list_projects, project_status, rerun_failed_rows
 from engine.errors import ConstellationError, NotFound
 from portal import auth, errors, state, widgets
 
@@ -34,13 +34,21 @@ def live() -> None:
         return
     for view in views:
         with st.container(border=True, key=f"project_{view.id}"):
-            widgets.project_panel(store, viewer, view, cancel=_cancel)
+            widgets.project_panel(store, viewer, view, cancel=_cancel, rerun=_rerun)
 
 
 def _cancel(project_id: int) -> None:
     # A button callback: it runs before the fragment renders, which then shows the result.
     try:
         cancel_project(store, auth.current_user(), project_id)
+    except ConstellationError as exc:
+        st.session_state[f"_cancel_error_{project_id}"] = exc
+
+
+
+def _rerun(project_id: int) -> None:
+    try:
+        rerun_failed_rows(store, auth.current_user(), project_id)
     except ConstellationError as exc:
         st.session_state[f"_cancel_error_{project_id}"] = exc
 

@@ -8,7 +8,8 @@ from engine.errors import (ClusterUnavailable, ConstellationError, Forbidden, In
                            InvalidRequest, InvalidScript, NotFound)
 from engine.export import export_results
 from engine.projects import (ProjectStatusView, cancel_project, check_upload, list_projects,
-                             project_status, rows_per_node, submit_project)
+                             project_status, rerun_failed_rows, rows_per_node,
+                             submit_project)
 from engine.settings import SETTINGS, Settings
 from engine.status import ProjectStatus, TaskStatus
 from engine.store import Store
@@ -19,5 +20,6 @@ __all__ = [
     "ClusterUnavailable", "ConstellationError", "Forbidden", "InvalidDataset", "InvalidRequest",
     "InvalidScript", "NotFound", "ProjectStatus", "ProjectStatusView", "Role", "SETTINGS",
     "Settings", "Store", "TaskStatus", "cancel_project", "check_upload", "export_results",
-    "list_projects", "local_admin", "project_status", "rows_per_node", "submit_project",
+    "list_projects", "local_admin", "project_status", "rerun_failed_rows", "rows_per_node",
+    "submit_project",
 ]

@@ -130,7 +130,7 @@ def cluster_health(health: dict) -> None:
                    icon=":material/cloud_off:")
 
 
-def project_panel(store, user, view: ProjectStatusView, cancel) -> None:
+def project_panel(store, user, view: ProjectStatusView, cancel, rerun=None) -> None:
     """One project's live status: title, badge, progress, counts, per-node chart, actions."""
     from engine import rows_per_node
 
@@ -144,6 +144,9 @@ def project_panel(store, user, view: ProjectStatusView, cancel) -> None:
     if view.status in ("submitted", "running"):
         top[3].button("Cancel", key=f"cancel_{view.id}", icon=":material/cancel:",
                       on_click=cancel, args=(view.id,))
+    elif rerun is not None and view.status in ("complete", "failed") and view.rows_failed:
+        top[3].button("Re-run failed rows", key=f"rerun_{view.id}", icon=":material/replay:",
+                      on_click=rerun, args=(view.id,))
     failure = st.session_state.pop(f"_cancel_error_{view.id}", None)
     if failure is not None:
         errors.show(failure)

@@ -4,7 +4,8 @@ from test_portal import open_page, portal, signed_in  # noqa: F401  (portal is a
 
 from engine import accounts, projects
 from engine.models import Project
-from engine.status import ProjectStatus, RowResult, decide_rows, record_replicas, transition_project
+from engine.status import (ProjectStatus, RowResult, decide_rows, record_replicas, record_results,
+                           transition_project)
 from conftest import fixture_bytes
 
 
@@ -32,3 +33,22 @@ def test_replicated_project_shows_verification_on_status_and_results(portal):
     at = open_page(at, "app_pages/results.py", id=pid)
     table = at.dataframe[0].value
     assert list(table["verification"][:2]) == ["verified", "verified"]
+
+
+def test_rerun_failed_rows_button_starts_a_new_attempt(portal):
+    store = portal
+    ada = accounts.get_user(store, "ada")
+    pid = projects.submit_project(
+        store, store.settings, ada, title="flaky", script_name="raises.py",
+        script_bytes=fixture_bytes("raises.py"), dataset_name="d.csv",
+        dataset_bytes=b"x\n1\n3\n", replication=1)
+    with store.session() as s:
+        transition_project(s, pid, ProjectStatus.RUNNING)
+        record_results(s, pid, [RowResult(0, True, "1", None, None, 0.1),
+                                RowResult(1, False, None, "ValueError: three", None, 0.1)], "n1")
+    at = open_page(signed_in("ada"), "app_pages/projects.py")
+    [button] = [b for b in at.button if b.label == "Re-run failed rows"]
+    button.click()
+    at.run()
+    view = projects.project_status(store, ada, pid)
+    assert (view.status, view.rows_failed, view.rows_succeeded) == ("submitted", 0, 1)
