@@ -4,10 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages: bubblewrap sandboxes research code; chromium runs the browser tests.
-APT_PACKAGES := bubblewrap chromium
+# Debian packages: bubblewrap sandboxes research code; chromium runs the browser tests;
+# postgresql gives the store's tests a real server (they start their own; none is started here).
+APT_PACKAGES := bubblewrap chromium postgresql
 
-.PHONY: run test test-fast install system-deps bench bench-smoke clean
+.PHONY: run test test-fast install system-deps bench bench-smoke bench-scaling clean
 
 run: install
 	$(BIN)/python -m engine serve
@@ -30,6 +31,7 @@ system-deps:
 	@missing=""; \
 	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
@@ -42,6 +44,11 @@ bench: install
 # A tiny run (under 60 s) that only checks the benchmark works; `make test` runs it too.
 bench-smoke: install
 	$(BIN)/python -m bench --smoke --output test-artifacts/bench
+
+# How many volunteer cores one head can feed: store ingestion (SQLite, PostgreSQL) and the
+# dispatcher's cost per batch (a few minutes); writes bench/results/scaling.json.
+bench-scaling: install
+	$(BIN)/python -m bench.scaling
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts

@@ -26,6 +26,7 @@ from engine.settings import Settings
 logger = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 30_000
+_SCHEMA_LOCK = 0x436F6E73  # any fixed key; PostgreSQL advisory locks are per database
 
 
 class Store:
@@ -48,8 +49,15 @@ class Store:
         self.create_schema()
 
     def create_schema(self) -> None:
-        Base.metadata.create_all(self.engine)
         with self.session() as session:
+            # The portal and the dispatcher start together and would both create the tables
+            # (the second fails: "table already exists"). DDL is transactional in SQLite and
+            # PostgreSQL, so with one lock held to the commit the second finds the schema.
+            if self.is_sqlite:
+                session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK})
+            Base.metadata.create_all(session.connection())
             row = session.get(Meta, "schema_version")
             if row is None:
                 session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))

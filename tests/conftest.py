@@ -27,6 +27,7 @@ os.environ["RAY_AUTH_TOKEN"] = SESSION_TOKEN
 
 from engine.settings import Settings  # noqa: E402
 from engine.store import Store  # noqa: E402
+from postgres import postgres_server  # noqa: E402,F401  (a PostgreSQL server for the session)
 
 
 def free_port() -> int:

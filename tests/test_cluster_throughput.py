@@ -1,0 +1,128 @@
+"""The multi-node path's throughput: projects over a ``ray.cluster_utils.Cluster`` of a head
+and three worker nodes on this machine, through the real dispatcher and sandbox.
+
+The nodes share this machine's two cores, so the figures measure the path (dispatch to
+several raylets, results from each, the store), not a speed-up. They are written to
+test-artifacts/scaling/cluster_throughput.json and printed; nothing is asserted about
+speed. Results must land from several nodes, every row exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from conftest import ROOT, free_port, short_tempdir, write_token
+from engine import accounts, projects
+from engine.models import Project, Task
+from engine.settings import Settings
+from engine.status import ProjectStatus
+from engine.store import Store
+
+pytestmark = pytest.mark.slow
+
+WORKERS = 3
+ARTIFACT = ROOT / "test-artifacts" / "scaling" / "cluster_throughput.json"
+W1 = (ROOT / "bench" / "workloads" / "w1_square.py").read_bytes()
+W2 = (ROOT / "bench" / "workloads" / "w2_cpu.py").read_bytes()
+W2_ITERATIONS = 100_000  # about 5 ms per row, as in the benchmark
+
+measured: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # this process may be connected to the session's shared head
+    temp_dir = short_tempdir("cct-")
+    nodes = {"temp_dir": str(temp_dir), "num_cpus": 1, "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args=nodes)
+    try:
+        for _ in range(WORKERS):
+            cluster.add_node(**{k: v for k, v in nodes.items() if k != "include_dashboard"},
+                             dashboard_agent_listen_port=free_port())
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if measured:
+            ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
+            ARTIFACT.write_text(json.dumps(measured, indent=2))
+
+
+@pytest.fixture
+def on_cluster(ray_cluster, data_dir, request):
+    backend = getattr(request, "param", "sqlite")
+    write_token(data_dir)
+    db_url = ""
+    if backend == "postgresql":
+        db_url = request.getfixturevalue("postgres_server").create_database()
+    # Plain Cluster nodes carry no volunteer's signature: let unclaimed nodes work.
+    settings = Settings(data_dir=str(data_dir), ray_address=ray_cluster.address, db_url=db_url,
+                        allow_unclaimed_nodes=True, replication=1, row_timeout=30.0,
+                        ray_port=free_port())
+    store = Store(settings)
+    yield settings, store
+    store.engine.dispose()
+
+
+def run(settings: Settings, store: Store, script: bytes, body: bytes, rows: int, **options):
+    from engine.scheduler import Dispatcher
+
+    pid = projects.submit_project(
+        store, settings, accounts.local_admin(store), title="throughput", script_name="s.py",
+        script_bytes=script, dataset_name="d.csv", dataset_bytes=body, **options)
+    deadline = time.monotonic() + 300
+
+    def ended() -> bool:
+        assert time.monotonic() < deadline, "the project did not end in time"
+        with store.session() as session:
+            return ProjectStatus(session.get(Project, pid).status).is_terminal()
+
+    started = time.perf_counter()
+    Dispatcher(store, settings).run(until=ended)
+    seconds = time.perf_counter() - started
+    with store.session() as session:
+        project = session.get(Project, pid)
+        per_node = dict(session.execute(
+            select(Task.node_id, func.count()).where(Task.project_id == pid)
+            .group_by(Task.node_id)).all())
+    assert (project.status, project.rows_succeeded, project.rows_failed) == ("complete", rows, 0)
+    assert sum(per_node.values()) == rows
+    return seconds, per_node
+
+
+def report(name: str, rows: int, seconds: float, per_node: dict) -> None:
+    measured[name] = {"rows": rows, "seconds": round(seconds, 2),
+                      "rows_per_second": round(rows / seconds),
+                      "rows_per_node": sorted(per_node.values(), reverse=True)}
+    print(f"\n{name}: {rows} rows in {seconds:.1f} s = {rows / seconds:,.0f} rows/s; "
+          f"rows per node {measured[name]['rows_per_node']}")
+
+
+def test_cpu_bound_rows_spread_over_every_node(on_cluster, ray_cluster):
+    settings, store = on_cluster
+    rows = 1200
+    body = b"n\n" + f"{W2_ITERATIONS}\n".encode() * rows
+    seconds, per_node = run(settings, store, W2, body, rows, batch_size=20)
+    report("W2-like (5 ms rows), 20-row batches, 4 nodes", rows, seconds, per_node)
+    # 60 batches over 4 one-CPU nodes: every node takes part.
+    assert len(per_node) == WORKERS + 1, per_node
+    assert None not in per_node
+
+
+@pytest.mark.parametrize("on_cluster", ["sqlite", "postgresql"], indirect=True)
+def test_trivial_rows_through_several_nodes(on_cluster, ray_cluster, request):
+    settings, store = on_cluster
+    rows = 100_000
+    body = b"x\n" + b"".join(b"%d\n" % i for i in range(rows))
+    seconds, per_node = run(settings, store, W1, body, rows, batch_size=2000)
+    backend = "postgresql" if settings.db_url else "sqlite"
+    report(f"W1 trivial rows, 2,000-row batches, 4 nodes, {backend}", rows, seconds, per_node)
+    assert len(per_node) >= 2, per_node
