@@ -3,17 +3,19 @@
 Measures, on this machine:
 
 1. **Ingestion.** Results per second that ``record_results`` writes to the store (one call
-   and one commit per batch, as the dispatcher does), with batches of 1,000 and 50,000
-   rows, on SQLite and on PostgreSQL (a private server from Debian's package, started
-   here, with its default ``synchronous_commit = on`` and with ``off``).
+   and one commit per batch, as the dispatcher does), with batches of 200 to 50,000 rows,
+   on SQLite and on PostgreSQL (a private server from Debian's package, started here,
+   with its default ``synchronous_commit = on`` and with ``off``).
 2. **Dispatcher overhead per batch.** A real dispatcher runs trivial rows on a real local
-   Ray head (sandbox on) with fixed batches; its own process CPU per batch is what a batch
-   costs the head, split into payload build + Ray submit, result fetch + unpickle, and
-   store. ``ray.wait`` over many pending batches is timed too: the dispatcher calls it on
-   every loop, and at a thousand volunteer cores about two thousand batches are in flight.
+   Ray head (sandbox on) with fixed batches of 200, 2,000 and 50,000 rows. Its thread's
+   CPU in each step of a batch is timed (payload build + Ray submit, result fetch +
+   unpickle, store), as well as the whole process's CPU per batch (Ray's own threads
+   included). ``ray.wait`` over many pending batches is timed too: the dispatcher calls
+   it on every loop, and at a thousand volunteer cores two thousand batches are in flight.
 3. **The estimate.** For W2-like rows (5 ms each) and adaptive batches of ``batch_seconds``
-   of work, each core needs one batch per ``batch_seconds``; the head saturates when the
-   dispatcher's one core spends all its time on batches, or the store cannot keep up.
+   of work (200 rows for 1 s, 2,000 for 10 s), each core needs one batch per
+   ``batch_seconds``; the head saturates when the dispatcher's thread spends all its time
+   on batches (see ``estimate``).
 
 Writes bench/results/scaling.json and prints Markdown tables. ``--quick`` uses small
 sizes (about a minute). Timings on a shared 2-core machine are noisy: the load average
@@ -39,7 +41,9 @@ sys.path.insert(0, str(ROOT / "tests"))  # tests/postgres.py: the private Postgr
 
 W2_ROW_SECONDS = 0.005
 NODE = "ab" * 28  # shaped like a Ray node id
-BATCHES = (1_000, 50_000)
+# Batch size -> rows measured. 200 and 2,000 rows are W2 batches of 1 s and 10 s of work
+# (what the estimate needs); 1,000 is the first batches' size, 50,000 a large batch.
+SIZES = {200: 40_000, 1_000: 200_000, 2_000: 200_000, 50_000: 200_000}
 
 
 def _process_cpu() -> float:
@@ -79,7 +83,7 @@ def _databases(server) -> dict[str, str]:
 # -- 1. ingestion ----------------------------------------------------------------------
 
 
-def ingestion(urls: dict[str, str], total: int) -> list[dict]:
+def ingestion(urls: dict[str, str], scale: float) -> list[dict]:
     from engine.status import ProjectStatus, RowResult, record_results, transition_project
     from engine.store import Store
 
@@ -87,7 +91,8 @@ def ingestion(urls: dict[str, str], total: int) -> list[dict]:
     for backend, url in urls.items():
         settings = _settings("ingest", url)
         store = Store(settings)
-        for batch in BATCHES:
+        for batch, total in SIZES.items():
+            total = max(batch, int(total * scale))
             pid = _project(store, settings, total, b"def main(row):\n    return 1\n")
             with store.session() as session:
                 transition_project(session, pid, ProjectStatus.RUNNING)
@@ -144,7 +149,7 @@ def _timed_dispatcher(store, settings):
     return Timed(store, settings)
 
 
-def dispatcher_overhead(urls: dict[str, str], head_settings, total: int) -> list[dict]:
+def dispatcher_overhead(urls: dict[str, str], head_settings, scale: float) -> list[dict]:
     from engine.models import Project
     from engine.status import ProjectStatus
     from engine.store import Store
@@ -156,7 +161,10 @@ def dispatcher_overhead(urls: dict[str, str], head_settings, total: int) -> list
             continue
         settings = head_settings.replace(db_url=url)
         store = Store(settings)
-        for batch in BATCHES:
+        for batch, total in SIZES.items():
+            if batch == 1_000:
+                continue  # between 200 and 2,000; the dispatcher runs take the longest
+            total = max(batch, int(total * scale))
             pid = _project(store, settings, total, script, batch_size=batch)
             dispatcher = _timed_dispatcher(store, settings)
 
@@ -164,11 +172,13 @@ def dispatcher_overhead(urls: dict[str, str], head_settings, total: int) -> list
                 with store.session() as session:
                     return ProjectStatus(session.get(Project, pid).status).is_terminal()
 
-            wall, cpu = time.perf_counter(), _process_cpu()
+            wall, cpu, thread = time.perf_counter(), _process_cpu(), time.thread_time()
             dispatcher.run(until=ended)
             wall, cpu = time.perf_counter() - wall, _process_cpu() - cpu
+            thread = time.thread_time() - thread
             n = max(dispatcher.batches, 1)
             steps = dispatcher.steps
+            in_steps = steps["dispatch"] + steps["finish"]
             rows.append({
                 "backend": backend, "batch_rows": batch, "rows": total, "batches": n,
                 "process_cpu_ms_per_batch": cpu / n * 1000,
@@ -176,6 +186,9 @@ def dispatcher_overhead(urls: dict[str, str], head_settings, total: int) -> list
                 "fetch_unpickle_ms_per_batch": (steps["finish"] - steps["store"]) / n * 1000,
                 "store_cpu_ms_per_batch": steps["store"] / n * 1000,
                 "store_wall_ms_per_batch": steps["store_wall"] / n * 1000,
+                # The loop itself and its timed chores (refresh every 0.25 s, registry
+                # and credit every 2 s, the lease): a share of the thread, not per batch.
+                "loop_cpu_share": max(thread - in_steps, 0.0) / wall,
                 "end_to_end_rows_per_second": total / wall})
             print(f"dispatcher {backend} {batch}: {cpu / n * 1000:.1f} ms CPU per batch",
                   file=sys.stderr)
@@ -222,30 +235,32 @@ def estimate(ingest: list[dict], overhead: list[dict], waits: list[dict]) -> lis
     The dispatcher is one thread, and it does every step of a batch itself: payload build
     and Ray submit, fetch and unpickle (its own CPU time, measured under Ray), and the
     store write (wall time, measured alone: the thread waits for the disk or the server).
-    N cores keep 2N batches in flight and finish N / batch_seconds batches a second; each
-    also costs the two ``ray.wait`` calls of a loop over the pending ones (at most: a loop
-    that finds several batches done shares them). The head is saturated when
-    N * (per_batch + w0 + w1 * 2N) = batch_seconds.
+    Its loop and timed chores take a share of the thread whatever the load. N cores keep
+    2N batches in flight and finish N / batch_seconds batches a second; each also costs
+    the loop's two ``ray.wait`` calls over the pending ones (at most: a loop that finds
+    several batches done shares them). The head is saturated when
+    N * (per_batch + w0 + w1 * 2N) = batch_seconds * (1 - loop share).
     """
     w0, w1 = _line({float(r["pending"]): r["wait_ms"] / 1000 for r in waits})
     out = []
-    for backend in sorted({r["backend"] for r in ingest}):
-        store_fixed, store_row = _line({float(r["batch_rows"]): r["median_batch_ms"] / 1000
-                                        for r in ingest if r["backend"] == backend})
+    for backend in dict.fromkeys(r["backend"] for r in ingest):
         engine_backend = backend.split(",")[0]
-        work_fixed, work_row = _line({
-            float(r["batch_rows"]): (r["dispatch_ms_per_batch"] + r["fetch_unpickle_ms_per_batch"])
-            / 1000 for r in overhead if r["backend"] == engine_backend})
         for batch_seconds in (1.0, 10.0):
-            rows = batch_seconds / W2_ROW_SECONDS
-            work = work_fixed + work_row * rows
-            store = store_fixed + store_row * rows
-            a, b = 2 * w1, work + store + w0
-            cores = (batch_seconds / b if a == 0
-                     else (-b + (b * b + 4 * a * batch_seconds) ** 0.5) / (2 * a))
-            out.append({"backend": backend, "batch_seconds": batch_seconds,
-                        "batch_rows": int(rows), "dispatch_fetch_ms": work * 1000,
-                        "store_ms": store * 1000, "wait_ms": (w0 + w1 * 2 * cores) * 1000,
+            rows = int(batch_seconds / W2_ROW_SECONDS)
+            run = next((r for r in overhead
+                        if r["backend"] == engine_backend and r["batch_rows"] == rows), None)
+            stored = next((r for r in ingest
+                           if r["backend"] == backend and r["batch_rows"] == rows), None)
+            if run is None or stored is None:
+                continue
+            work = (run["dispatch_ms_per_batch"] + run["fetch_unpickle_ms_per_batch"]) / 1000
+            store = stored["median_batch_ms"] / 1000
+            share = min(run["loop_cpu_share"], 0.5)
+            a, b, c = 2 * w1, work + store + w0, batch_seconds * (1 - share)
+            cores = c / b if a == 0 else (-b + (b * b + 4 * a * c) ** 0.5) / (2 * a)
+            out.append({"backend": backend, "batch_seconds": batch_seconds, "batch_rows": rows,
+                        "dispatch_fetch_ms": work * 1000, "store_ms": store * 1000,
+                        "wait_ms": (w0 + w1 * 2 * cores) * 1000, "loop_share": share,
                         "cores": cores, "rows_per_second": cores / W2_ROW_SECONDS})
     return out
 
@@ -266,8 +281,7 @@ def _table(title: str, rows: list[dict]) -> str:
 def run(quick: bool, output: Path) -> dict:
     from postgres import PostgresServer, PostgresUnavailable
 
-    ingest_rows = 50_000 if quick else 200_000
-    dispatch_rows = 50_000 if quick else 200_000
+    scale = 0.25 if quick else 1.0
     results: dict = {"quick": quick, "cpus": os.cpu_count(),
                      "load_average_before": os.getloadavg(),
                      "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -280,12 +294,12 @@ def run(quick: bool, output: Path) -> dict:
     head_settings = _settings("head", ray_num_cpus=2)
     try:
         urls = _databases(server)
-        results["ingestion"] = ingestion(urls, ingest_rows)
+        results["ingestion"] = ingestion(urls, scale)
         from engine import cluster
 
         head = cluster.LocalHead(head_settings)
         cluster.connect(head_settings)
-        results["dispatcher"] = dispatcher_overhead(urls, head_settings, dispatch_rows)
+        results["dispatcher"] = dispatcher_overhead(urls, head_settings, scale)
         results["ray_wait"] = wait_cost()
         results["estimate"] = estimate(results["ingestion"], results["dispatcher"],
                                        results["ray_wait"])
