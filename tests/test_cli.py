@@ -3,6 +3,7 @@
 import csv
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -80,8 +81,14 @@ def test_submit_wait_runs_100k_rows_with_its_own_head(settings, tmp_path):
         table = list(csv.reader(handle))
     assert table[0] == ["x", "output", "error", "verification"]
     assert table[-1] == ["99999", str(99_999 ** 2), "", "unverified"]
-    # The head the CLI started is gone: nothing of it is left running.
-    leftovers = subprocess.run(["pgrep", "-f", settings.data_dir], capture_output=True, text=True)
+    # The head the CLI started is gone: nothing of it is left running (Ray's processes may
+    # take a moment to finish exiting after their group is killed).
+    deadline = time.monotonic() + 15
+    while True:
+        leftovers = subprocess.run(["pgrep", "-f", settings.data_dir], capture_output=True, text=True)
+        if not leftovers.stdout.strip() or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert leftovers.stdout.strip() == "", leftovers.stdout
 
 
