@@ -71,6 +71,8 @@ class Stack:
         self.env.update({"CONSTELLATION_DATA_DIR": str(self.data_dir),
                          "CONSTELLATION_RAY_PORT": str(_free_port()),
                          "CONSTELLATION_LOG_LEVEL": "WARNING",
+                         # The issue measures replication 1: one machine, no volunteers.
+                         "CONSTELLATION_REPLICATION": "1",
                          "CONSTELLATION_MAX_UPLOAD_MB": "2000",
                          "PYTHONPATH": str(ROOT), **extra_env})
         started = time.perf_counter()
