@@ -28,6 +28,15 @@ with st.expander("Advanced settings"):
                                  value=settings.batch_size, step=100, key="batch_size")
     row_timeout = st.number_input("Row timeout (seconds)", min_value=1.0, max_value=86400.0,
                                   value=float(settings.row_timeout), step=10.0, key="row_timeout")
+    replication = st.number_input(
+        "Replication (volunteers who must agree on each row)", min_value=1, max_value=10,
+        value=settings.replication, step=1, key="replication",
+        help="Each row runs on this many different volunteers' machines and is verified when "
+             "their outputs agree. 1 turns verification off.")
+    comparison = st.radio("Outputs agree when they are", ("exact", "numeric"), key="comparison",
+                          horizontal=True, captions=("identical", "numbers within a relative tolerance"))
+    tolerance = st.number_input("Relative tolerance", min_value=0.0, max_value=0.99, value=1e-9,
+                                format="%g", key="tolerance", disabled=comparison != "numeric")
 
 if dataset is not None:
     st.subheader(f"Preview: {len(dataset):,} rows, {len(dataset.columns)} columns")
@@ -70,7 +79,8 @@ elif st.button("Run on the cluster", type="primary", key="run_button", icon=":ma
             store, settings, user, title=title or script.name, description=description,
             script_name=script.name, script_bytes=script_file.getvalue(),
             dataset_name=dataset.name, dataset_bytes=dataset_file.getvalue(),
-            batch_size=int(batch_size), row_timeout=float(row_timeout))
+            batch_size=int(batch_size), row_timeout=float(row_timeout),
+            replication=int(replication), comparison=comparison, tolerance=float(tolerance))
     st.session_state["submitted"] = {**submitted, upload_key: project_id}
     st.success(f"Project {project_id} submitted.", icon=":material/check_circle:")
     st.page_link("app_pages/projects.py", label="Follow its progress", icon=":material/monitoring:",

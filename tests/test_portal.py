@@ -261,6 +261,27 @@ def test_trial_run_shows_an_import_time_failure(portal):
     assert not any(b.label == "Run on the cluster" for b in at.button)
 
 
+def test_submit_sets_replication_and_comparison(portal, monkeypatch):
+    monkeypatch.setenv("CONSTELLATION_REPLICATION", "3")
+    at = open_page(signed_in("ada"), "app_pages/submit.py")
+    assert at.number_input(key="replication").value == 3  # the default comes from the settings
+    assert at.number_input(key="tolerance").disabled  # only numeric comparison uses it
+    upload(at, "script", "square.py", fixture_bytes("square.py"), "text/x-python")
+    upload(at, "dataset", "d.csv", b"x\n1\n2\n", "text/csv")
+    at.number_input(key="replication").set_value(4)
+    at.radio(key="comparison").set_value("numeric")
+    at.run()
+    at.number_input(key="tolerance").set_value(1e-6)
+    at.button(key="trial_button").click()
+    at.run()
+    at.button(key="run_button").click()
+    at.run()
+    assert not at.exception, at.exception
+    with portal.session() as s:
+        stored = s.query(Project).one()
+    assert (stored.replication, stored.comparison, stored.tolerance) == (4, "numeric", 1e-6)
+
+
 # -- projects, status, cancel ---------------------------------------------------------------
 
 
