@@ -160,9 +160,18 @@ def project_panel(store, user, view: ProjectStatusView, cancel, rerun=None) -> N
                 st.code(view.error_traceback, language=None)
     per_node = _nodes_of(store, user, view, rows_per_node)
     if per_node:
-        st.bar_chart(pd.DataFrame({"node": [(n or "unknown")[:12] for n in per_node],
-                                   "rows": list(per_node.values())}),
-                     x="node", y="rows", height=160, horizontal=True)
+        st.vega_lite_chart(pd.DataFrame({"node": [(n or "unknown")[:12] for n in per_node],
+                                         "rows": list(per_node.values())}),
+                           _ROWS_PER_NODE_CHART, height=160)
+
+
+# A fixed Vega-Lite spec, not st.bar_chart: that builds and validates an Altair chart on
+# every 2-s refresh, 6-20 ms per project panel, most of the Projects page's time.
+_ROWS_PER_NODE_CHART = {
+    "mark": {"type": "bar", "tooltip": True},
+    "encoding": {"y": {"field": "node", "type": "nominal"},
+                 "x": {"field": "rows", "type": "quantitative"}},
+}
 
 
 def _nodes_of(store, user, view: ProjectStatusView, rows_per_node) -> dict:
