@@ -54,6 +54,9 @@ class Supervisor:
             portal = self._spawn([
                 sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app.py"),
                 "--server.port", str(self.settings.portal_port), "--server.headless", "true",
+                # Naming the address stops Streamlit from asking an outside service for this
+                # machine's public IP at start-up (the portal makes no outside requests).
+                "--browser.serverAddress", self.settings.reachable_host,
                 "--browser.gatherUsageStats", "false"])
             logger.info("supervisor: portal on http://localhost:%s", self.settings.portal_port)
         restarts = 0
