@@ -130,6 +130,7 @@ class _Run:
     followups: deque = field(default_factory=deque)   # replica batches ready to dispatch
     notice: str | None = None
     unsandboxed: bool = False                         # some rows ran without a sandbox
+    held: bool = False                                # rows kept back: no live node may run them
 
     def remaining(self) -> int:
         return sum(end - start for start, end in self.todo)
@@ -262,8 +263,9 @@ class Dispatcher:
         for pid, status in active:
             if pid not in self._runs:
                 self._start(pid)
-        for run in self._runs.values():
-            if run.replicas is not None:
+        for run in list(self._runs.values()):
+            self._check_feasible(run)
+            if run.replicas is not None and run.project_id in self._runs:
                 self._update_notice(run)
 
     def _sync_registry(self, ray_nodes: list[dict]) -> None:
@@ -454,15 +456,18 @@ class Dispatcher:
         return start, min(cut, end)
 
     def _dispatch(self, run: _Run, batch: _Batch) -> None:
+        excluded = self._excluded_for(run, batch)
+        if self._alive_nodes and not self._alive_nodes - excluded:
+            # Every live node is excluded: Ray would hold such a task forever. Keep the rows
+            # here instead; the periodic check below decides what that means.
+            self._hold(run, batch)
+            return
         rows = self._rows(run, batch.start, batch.end)
         if batch.rows is not None:
             wanted = set(batch.rows)
             rows = [row for row in rows if row[0] in wanted]
         payload = pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
         remote = self._remote
-        excluded = self._excluded_nodes | set(run.cannot_import)
-        for party in batch.exclude_parties:
-            excluded |= self._nodes_of.get(party, set())
         selector = nodes.label_selector(excluded)
         if selector:
             # Keep the batch off unclaimed nodes and nodes that cannot import the script,
@@ -472,6 +477,42 @@ class Dispatcher:
         run.inflight[ref] = batch
         logger.debug("project %s: batch %d-%d (%d rows) dispatched, selector %s", run.project_id,
                      batch.start, batch.end, len(rows), selector)
+
+    def _excluded_for(self, run: _Run, batch: _Batch) -> set[str]:
+        excluded = self._excluded_nodes | set(run.cannot_import)
+        for party in batch.exclude_parties:
+            excluded |= self._nodes_of.get(party, set())
+        return excluded
+
+    def _hold(self, run: _Run, batch: _Batch) -> None:
+        if batch.copy:
+            return  # a straggler copy is only an optimisation
+        if batch.rows is not None and run.replicas is not None:
+            run.replicas.requeue(batch.exclude_parties, batch.rows)
+        else:
+            run.todo.appendleft((batch.start, batch.end))
+        run.held = True
+
+    def _check_feasible(self, run: _Run) -> None:
+        """Catch in-flight batches that no live node may run (their nodes died or were excluded
+        after dispatch): cancel and hold them. When the script cannot be imported on any live
+        node, the project fails, as it would had the last node reported it."""
+        import ray
+
+        for ref, batch in list(run.inflight.items()):
+            if self._alive_nodes and not self._alive_nodes - self._excluded_for(run, batch):
+                ray.cancel(ref, force=True)
+                del run.inflight[ref]
+                self._hold(run, batch)
+        if run.held and run.cannot_import and not (self._alive_nodes - self._excluded_nodes
+                                                   - set(run.cannot_import)):
+            error = next(iter(run.cannot_import.values()))
+            with self.store.session() as session:
+                transition_project(session, run.project_id, ProjectStatus.FAILED,
+                                   error=f"the script raised while being imported: {error}")
+            self._cancel_inflight(self._runs.pop(run.project_id))
+            return
+        run.held = False
 
     def _rows(self, run: _Run, start: int, end: int) -> list[tuple[int, list]]:
         rows: list[tuple[int, list]] = []

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from conftest import (SESSION_TOKEN, free_port, project_ended as ended, short_tempdir,
-                      submit_numbers as submit)
+from conftest import (SESSION_TOKEN, free_port, project_ended as ended, run_to_end,
+                      short_tempdir, submit_numbers as submit)
 from engine import accounts, cluster, projects
 from engine.models import NodeScriptFailure, Task
 from engine.scheduler import Dispatcher
@@ -124,8 +124,7 @@ def test_script_importing_a_missing_package_runs_where_it_can(store, open_settin
               b"    return row['x'] + only_on_some_nodes.VALUE\n")
     try:
         pid = submit(store, open_settings, "needs_package.py", 200, source=source, batch_size=10)
-        Dispatcher(store, open_settings).run(until=lambda: ended(store, pid))
-        view = projects.project_status(store, accounts.local_admin(store), pid)
+        view = run_to_end(store, open_settings, pid)
         assert (view.status, view.rows_succeeded) == ("complete", 200), view.error
         assert set(node_of_rows(store, pid).values()) == {node.node_id}
         with store.session() as s:
@@ -135,8 +134,7 @@ def test_script_importing_a_missing_package_runs_where_it_can(store, open_settin
         # No node at all can import this one: only then does the project fail.
         nowhere = b"import not_on_any_node\n\ndef main(row):\n    return row\n"
         pid = submit(store, open_settings, "nowhere.py", 50, source=nowhere, batch_size=10)
-        Dispatcher(store, open_settings).run(until=lambda: ended(store, pid))
-        view = projects.project_status(store, accounts.local_admin(store), pid)
+        view = run_to_end(store, open_settings, pid)
         assert view.status == "failed" and "not_on_any_node" in view.error
     finally:
         node.stop()
