@@ -53,7 +53,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("allow_unclaimed_nodes", False, _bool,
             "Whether nodes whose volunteer signature does not verify may run work (they never earn credit)."),
     Setting("portal_port", 8501, int, "Port of the Streamlit portal."),
-    Setting("batch_size", 1000, int,
+    Setting("batch_size", 100, int,
             "Rows in a project's first batches; later batches are sized from measured row "
             "time, unless the project fixes its batch size."),
     Setting("batch_seconds", 1.0, float, "Work per batch that adaptive batching aims at, in seconds."),
@@ -105,7 +105,7 @@ class Settings:
     head_host: str = ""
     allow_unclaimed_nodes: bool = False
     portal_port: int = 8501
-    batch_size: int = 1000
+    batch_size: int = 100
     batch_seconds: float = 1.0
     row_timeout: float = 60.0
     max_upload_mb: int = 200
