@@ -16,12 +16,9 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -34,74 +31,12 @@ from engine.models import Project, Replica, Task
 from engine.settings import Settings
 from engine.status import ProjectStatus
 from engine.store import Store
+from volunteer_cluster import VolunteerCluster, node_temp_dir, start_node, volunteer_env
 
 pytestmark = pytest.mark.slow
 
 JOIN_SECONDS = 120
 WRONG_TOKEN_SECONDS = 90   # Ray gives up after about 20 s; allow for a loaded machine
-SYNC_SECONDS = 2.0
-
-
-@dataclass
-class VolunteerNode:
-    name: str
-    directory: Path
-    process: subprocess.Popen
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        """Kill the node's whole process group (ray start, raylet, workers)."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait(timeout=30)
-
-
-@dataclass
-class VolunteerCluster:
-    settings: Settings
-    store: Store
-    nodes: dict[str, VolunteerNode] = field(default_factory=dict)
-    node_ids: dict[str, str] = field(default_factory=dict)   # volunteer node name -> Ray node id
-    last_sync: float = 0.0
-
-    def sync(self, force: bool = False) -> None:
-        import ray
-
-        if force or time.monotonic() - self.last_sync > SYNC_SECONDS:
-            nodes.sync_registry(self.store, self.settings, ray.nodes())
-            self.last_sync = time.monotonic()
-
-
-def volunteer_env() -> dict[str, str]:
-    """A volunteer's shell: the pinned `ray` on PATH, no repository, no Ray settings.
-
-    HOME stays the real one: the sandbox's self-test rejects a HOME under /tmp (bubblewrap
-    creates its mount point inside the private /tmp, which is then not empty).
-    """
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_", "CONSTELLATION_", "PYTHON", "VIRTUAL_ENV"))}
-    env["PATH"] = f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
-    return env
-
-
-def start_node(name: str, command: str) -> VolunteerNode:
-    directory = short_tempdir(f"cv-{name}-")
-    log = directory / "node.log"
-    # Several nodes share this machine: each needs its own temp dir and dashboard agent port.
-    full = (f"{command} --num-cpus=1 --temp-dir={directory / 'ray'} "
-            f"--dashboard-agent-listen-port={free_port()} --block")
-    with open(log, "wb") as out:
-        process = subprocess.Popen(["bash", "-c", full], cwd=directory, env=volunteer_env(),
-                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    return VolunteerNode(name, directory, process, log)
-
-
 def replace_label(command: str, key: str, value: str) -> str:
     return re.sub(rf"{key}=[^,\s']+", f"{key}={value}", command)
 
@@ -168,7 +103,7 @@ def _connect_and_wait(state: VolunteerCluster, expected: int) -> None:
         time.sleep(0.5)
     # Tell the nodes apart by their temp dirs (every node here has the same address).
     for n in alive:
-        temp = _node_temp_dir(n)
+        temp = node_temp_dir(n)
         for name, node in state.nodes.items():
             if temp and temp.startswith(str(node.directory)):
                 state.node_ids[name] = n["NodeID"]
@@ -176,10 +111,6 @@ def _connect_and_wait(state: VolunteerCluster, expected: int) -> None:
                                   if n["Labels"].get(nodes.ROLE_LABEL) == "head")
     assert set(state.node_ids) == {"head", "alice", "bob", "forger"}, state.node_ids
     state.sync(force=True)
-
-
-def _node_temp_dir(ray_node: dict) -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(ray_node.get("ObjectStoreSocketName", ""))))
 
 
 def submit(state: VolunteerCluster, script: str, rows: int, batch_size: int) -> int:
@@ -312,7 +243,7 @@ def test_wrong_token_fails_to_join(cluster):
         pytest.fail(f"a node with the wrong token was still running after {WRONG_TOKEN_SECONDS} s")
     assert code != 0
     assert "AuthenticationError" in node.output(), node.output()[-2000:]
-    assert not any(_node_temp_dir(n).startswith(str(node.directory)) for n in ray.nodes())
+    assert not any(node_temp_dir(n).startswith(str(node.directory)) for n in ray.nodes())
 
 
 def test_stopped_node_goes_offline_and_its_rows_finish_elsewhere(cluster):
