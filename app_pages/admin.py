@@ -3,13 +3,13 @@
 import pandas as pd
 import streamlit as st
 
-from engine import Role, accounts, cancel_project, list_projects, nodes
+from engine import Role, accounts, cancel_project, list_projects, nodes, verification
 from portal import auth, errors, state, widgets
 
 user = auth.require(Role.ADMIN)
 store = state.store()
 widgets.header("Admin", ":material/admin_panel_settings:")
-users_tab, projects_tab, nodes_tab = st.tabs(["Users", "Projects", "Nodes"])
+users_tab, projects_tab, nodes_tab, trust_tab = st.tabs(["Users", "Projects", "Nodes", "Trust"])
 
 with users_tab:
     with errors.shown():
@@ -54,3 +54,13 @@ with nodes_tab:
             "node": n.node_id, "owner": n.attribution, "status": n.status, "host": n.hostname,
             "CPUs": n.cpus, "sandbox": n.sandbox, "tasks": n.tasks_completed,
             "last seen": n.last_seen} for n in registry]), hide_index=True)
+
+with trust_tab:
+    st.caption(f"A volunteer whose last {verification.TRUST_STREAK} results for a script all agreed "
+               f"with the quorum is trusted: their rows are replicated only as spot checks.")
+    with errors.shown():
+        levels = verification.trust_for(store, user)
+    if not levels:
+        st.info("No verified results yet.", icon=":material/inbox:")
+    else:
+        st.dataframe(pd.DataFrame(levels), hide_index=True)

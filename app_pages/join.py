@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from engine import Role, nodes
+from engine import Role, nodes, verification
 from portal import auth, errors, state, widgets
 
 user = auth.require(Role.VOLUNTEER)
@@ -46,3 +46,11 @@ def _my_machines() -> None:
 
 
 _my_machines()
+
+st.subheader("Your trust")
+with errors.shown():
+    levels = verification.trust_for(store, user)
+if levels:
+    st.dataframe(pd.DataFrame(levels), hide_index=True)
+else:
+    st.caption("No verified results of yours yet.")

@@ -28,7 +28,8 @@ from typing import Any, Sequence
 from sqlalchemy import Float, Integer, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from engine.models import Base
+from engine.accounts import Role, is_admin, require_role
+from engine.models import Base, User
 from engine.status import RowResult
 
 TRUST_STREAK = 10
@@ -150,3 +151,10 @@ def trust_levels(session: Session, volunteer: str | None = None) -> list[dict]:
         query = query.where(Trust.volunteer == volunteer)
     return [{"volunteer": t.volunteer, "script_sha256": t.script_sha256, "streak": t.streak,
              "trusted": t.streak >= TRUST_STREAK} for t in session.execute(query).scalars()]
+
+
+def trust_for(store, actor: User | None) -> list[dict]:
+    """Trust streaks an actor may see: every volunteer's for an admin, their own for a volunteer."""
+    require_role(actor, Role.VOLUNTEER)
+    with store.session() as session:
+        return trust_levels(session, None if is_admin(actor) else actor.name)

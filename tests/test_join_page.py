@@ -26,3 +26,19 @@ def test_only_the_volunteer_or_an_admin_rotates_a_signature(portal):
     with pytest.raises(NotFound):
         nodes.rotate_signature(store, "vic", actor=accounts.get_user(store, "both"))
     assert nodes.rotate_signature(store, "vic", actor=accounts.get_user(store, "root")) == 2
+
+
+def test_trust_is_visible_to_admins_and_to_each_volunteer_for_themself(portal):
+    from engine.verification import Trust, trust_for
+
+    store = portal
+    with store.session() as s:
+        s.add_all([Trust(volunteer="vic", script_sha256="a" * 64, streak=12, updated_at=1.0),
+                   Trust(volunteer="both", script_sha256="a" * 64, streak=0, updated_at=1.0)])
+    assert [t["volunteer"] for t in trust_for(store, accounts.get_user(store, "vic"))] == ["vic"]
+    assert len(trust_for(store, accounts.get_user(store, "root"))) == 2
+    at = open_page(signed_in("vic"), "app_pages/join.py")
+    table = at.dataframe[-1].value
+    assert list(table["volunteer"]) == ["vic"] and list(table["trusted"]) == [True]
+    at = open_page(signed_in("root"), "app_pages/admin.py")
+    assert any(list(df.value.get("volunteer", [])) == ["both", "vic"] for df in at.dataframe)
