@@ -11,14 +11,12 @@ import io
 import os
 import re
 import shutil
-import signal
 import subprocess
-import time
-import urllib.request
 
 import pytest
 
-from conftest import FIXTURES, ROOT, free_port, python, short_tempdir
+from conftest import FIXTURES, ROOT, python, short_tempdir
+from served_portal import served_portal
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -33,39 +31,10 @@ def stack():
     if not os.path.exists(CHROMIUM):
         pytest.skip("Debian chromium is not installed (make test installs it)")
     data_dir = short_tempdir("cr-web-")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "CONSTELLATION_"))}
-    env.update({"CONSTELLATION_DATA_DIR": str(data_dir), "CONSTELLATION_RAY_PORT": str(free_port()),
-                "CONSTELLATION_PORTAL_PORT": str(port), "CONSTELLATION_RAY_NUM_CPUS": "2",
-                # One machine: a row cannot be replicated on two distinct volunteers here.
-                "CONSTELLATION_REPLICATION": "1", "PYTHONPATH": str(ROOT)})
-    log = open(data_dir / "serve.log", "wb")
-    server = subprocess.Popen([python(), "-m", "engine", "serve"], cwd=ROOT, env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, (data_dir / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the portal did not answer within 120 s"
-            time.sleep(0.5)
-        yield url, env
+        with served_portal(data_dir) as served:
+            yield served.url, served.env
     finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        except ProcessLookupError:
-            pass
-        log.close()
         shutil.rmtree(data_dir, ignore_errors=True)
 
 

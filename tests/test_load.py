@@ -36,15 +36,13 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, fixture_bytes, free_port, project_ended, python, short_tempdir
+from conftest import ROOT, fixture_bytes, project_ended, short_tempdir
+from served_portal import served_portal
 from portal_session import RUN_TIMEOUT, Session, sign_in, value, widget
 
 pytestmark = pytest.mark.slow
@@ -64,42 +62,13 @@ ARTIFACTS = ROOT / "test-artifacts"
 def stack():
     """`python -m engine serve` on free ports, stopped by its process group."""
     data_dir = short_tempdir("cr-load-")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "CONSTELLATION_"))}
-    env.update({"CONSTELLATION_DATA_DIR": str(data_dir), "CONSTELLATION_RAY_PORT": str(free_port()),
-                "CONSTELLATION_PORTAL_PORT": str(port), "CONSTELLATION_RAY_NUM_CPUS": "2",
-                # One machine: a row cannot be replicated on two distinct volunteers here.
-                "CONSTELLATION_REPLICATION": "1", "PYTHONPATH": str(ROOT)})
-    log_path = data_dir / "serve.log"
-    log = open(log_path, "wb")
-    server = subprocess.Popen([python(), "-m", "engine", "serve"], cwd=ROOT, env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health",
-                                            timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the portal did not answer within 120 s"
-            time.sleep(0.5)
-        yield {"port": port, "data_dir": data_dir, "log": log_path, "pid": server.pid}
+        with served_portal(data_dir) as served:
+            yield {"port": served.port, "data_dir": data_dir, "log": served.log, "pid": served.pid}
     finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        except ProcessLookupError:
-            pass
-        log.close()
         ARTIFACTS.mkdir(exist_ok=True)
-        shutil.copy(log_path, ARTIFACTS / "load-serve.log")
+        if (data_dir / "serve.log").exists():
+            shutil.copy(data_dir / "serve.log", ARTIFACTS / "load-serve.log")
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
