@@ -68,8 +68,13 @@ def _export(fmt: str):
     return generate
 
 
+# on_click="ignore": a download needs no rerun, and a rerun that ends before the browser
+# fetches the generated file prunes that file (Streamlit keeps a deferred download only
+# while a run references it), so the click would download nothing.
 left, right = st.columns(2)
 left.download_button("Download CSV", data=_export("csv"), file_name=f"project-{project_id}.csv",
-                     mime="text/csv", icon=":material/download:", key="download_csv")
+                     mime="text/csv", icon=":material/download:", key="download_csv",
+                     on_click="ignore")
 right.download_button("Download JSON", data=_export("json"), file_name=f"project-{project_id}.json",
-                      mime="application/json", icon=":material/download:", key="download_json")
+                      mime="application/json", icon=":material/download:", key="download_json",
+                      on_click="ignore")

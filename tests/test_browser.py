@@ -33,7 +33,7 @@ def stack():
     data_dir = short_tempdir("cr-web-")
     try:
         with served_portal(data_dir) as served:
-            yield served.url, served.env
+            yield served
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
 
@@ -82,7 +82,7 @@ def nav_link(page, label: str):
 def test_a_researcher_registers_submits_watches_and_downloads(page, stack, tmp_path):
     from playwright.sync_api import expect
 
-    portal_url, env = stack
+    portal_url, env = stack.url, stack.env
     page.goto(f"{portal_url}/register")
     main = main_area(page)
     expect(main.get_by_role("heading", name="Register", level=1)).to_be_visible()
@@ -139,9 +139,13 @@ def test_a_researcher_registers_submits_watches_and_downloads(page, stack, tmp_p
     expect(main.get_by_role("heading", name="Results", level=1)).to_be_visible()
     expect(main.locator('[data-testid="stDataFrame"]')).to_be_visible()
     shot(page, "07-results")
-    with page.expect_download() as download_info:
-        main.get_by_role("button", name="Download CSV").click()
-    download = download_info.value
+    try:
+        with page.expect_download() as download_info:
+            main.get_by_role("button", name="Download CSV").click()
+        download = download_info.value
+    except Exception as exc:  # the portal's log says why the file never came
+        raise AssertionError(f"no download; the portal's log ends:\n"
+                             f"{stack.log.read_text()[-4000:]}") from exc
     target = tmp_path / "results.csv"
     download.save_as(str(target))
     downloaded = target.read_text()
@@ -159,7 +163,7 @@ def test_a_researcher_registers_submits_watches_and_downloads(page, stack, tmp_p
 def test_an_anonymous_visitor_sees_the_leaderboard_and_is_refused_submit(page, stack):
     from playwright.sync_api import expect
 
-    portal_url, _ = stack
+    portal_url = stack.url
     page.goto(portal_url)
     main = main_area(page)
     expect(main.get_by_role("heading", name="Sign in", level=1)).to_be_visible()
@@ -179,7 +183,7 @@ def test_an_anonymous_visitor_sees_the_leaderboard_and_is_refused_submit(page, s
 def test_a_disabled_users_cookie_no_longer_signs_them_in(page, stack):
     from playwright.sync_api import expect
 
-    portal_url, env = stack
+    portal_url, env = stack.url, stack.env
 
     def cli(*args, stdin=""):
         subprocess.run([python(), "-m", "engine", *args], cwd=ROOT, env=env, input=stdin,
