@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,25 +101,94 @@ def _parse_csv(name: str, text: str) -> Dataset:
     # First pass with the csv module: it knows physical line numbers, which pandas does not,
     # and it sees the header before pandas renames duplicates ("a", "a.1").
     reader = csv.reader(io.StringIO(text, newline=""))
+    records: list[list[str]] = []
     try:
         header = next(reader)
         _check_columns(name, header)
         width = len(header)
-        count = 0
         for record in reader:
             if not record:
                 continue  # a blank line, which pandas skips too
-            count += 1
             if len(record) > width:
                 raise InvalidDataset(
-                    f"{name}, line {reader.line_num} (row {count}): {len(record)} cells, "
-                    f"but the header has {width} columns")
+                    f"{name}, line {reader.line_num} (row {len(records) + 1}): {len(record)} "
+                    f"cells, but the header has {width} columns")
+            records.append(record)
     except csv.Error as exc:
         raise InvalidDataset(f"{name}, line {reader.line_num}: {exc}") from None
-    if count == 0:
+    if not records:
         raise InvalidDataset(f"{name}: the file has a header but no rows")
+    rows = _typed_as_pandas_would(header, records)
+    if rows is None:
+        header, rows = _typed_by_pandas(text)
+    return Dataset(name, "csv", header, rows)
 
-    import pandas as pd  # deferred: pandas takes a second to import
+
+# The values pandas' C parser might read as a number or a boolean; a cell that is none of
+# these is text for certain, and so is its whole column.
+_MAYBE_NUMBER = re.compile(r"\s*[-+]?[0-9.,_eE]*\s*")
+_MAYBE_WORDS = frozenset({"inf", "infinity", "nan", "true", "false"})
+_INT = re.compile(r"-?[0-9]+")
+_FLOAT = re.compile(r"-?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?")
+_BOOLS = {"True": True, "TRUE": True, "true": True, "False": False, "FALSE": False, "false": False}
+
+
+def _typed_as_pandas_would(header: list[str], records: list[list[str]]) -> list[list[Any]] | None:
+    """The rows with the types ``pandas.read_csv`` would give them, without importing pandas.
+
+    Importing pandas costs about half a second, most of a small submission's set-up. This
+    handles the clear cases: each column all integers, all numbers, all booleans, or text
+    (at least one cell that can be nothing else). Anything less clear-cut returns None and
+    pandas decides; ``tests/test_dataset.py`` checks both give the same rows. Converts the
+    records in place.
+    """
+    width = len(header)
+    if any(column != column.strip() for column in header):
+        return None  # pandas' handling of padded names is not worth copying
+    for record in records:
+        if len(record) < width:
+            record.extend([""] * (width - len(record)))  # missing trailing cells are empty
+        elif width == 1 and not record[0].strip():
+            return None  # whether pandas skips a line of spaces is its business
+    for position in range(width):
+        cells = [record[position] for record in records]
+        convert = _column_type(cells)
+        if convert is None:
+            return None
+        for record, cell in zip(records, cells):
+            record[position] = None if cell == "" else convert(cell)
+    return records
+
+
+def _column_type(cells: list[str]) -> Any:
+    """How to convert one column's non-empty cells (str, int, float or a bool lookup), or None."""
+    kinds = set()
+    for cell in cells:
+        if cell == "":
+            continue
+        if _INT.fullmatch(cell):
+            if len(cell) > 18:
+                return None  # near or past int64, where pandas' choices get subtle
+            kinds.add(int)
+        elif _FLOAT.fullmatch(cell):
+            kinds.add(float)
+        elif cell in _BOOLS:
+            kinds.add(bool)
+        elif _MAYBE_NUMBER.fullmatch(cell) or cell.strip().lstrip("+-").lower() in _MAYBE_WORDS:
+            return None
+        else:
+            return str  # one certain text cell makes the whole column text
+    if not kinds or kinds == {int}:
+        return int
+    if kinds <= {int, float}:
+        return float
+    if kinds == {bool}:
+        return _BOOLS.__getitem__
+    return None  # booleans mixed with numbers: pandas keeps such a column as text
+
+
+def _typed_by_pandas(text: str) -> tuple[list[str], list[list[Any]]]:
+    import pandas as pd  # deferred: pandas takes half a second to import
 
     frame = pd.read_csv(io.StringIO(text), keep_default_na=False, na_values=[""],
                         dtype_backend="numpy_nullable", skip_blank_lines=True)
@@ -127,8 +197,7 @@ def _parse_csv(name: str, text: str) -> Dataset:
     # missing cells None. Column-wise conversion is far faster than per-row.
     values = [frame[c].astype(object).where(frame[c].notna(), None).tolist()
               for c in frame.columns]
-    rows = [list(row) for row in zip(*values)]
-    return Dataset(name, "csv", columns, rows)
+    return columns, [list(row) for row in zip(*values)]
 
 
 def _json_error(name: str, exc: json.JSONDecodeError, line_offset: int = 0) -> InvalidDataset:

@@ -70,3 +70,78 @@ def test_bad_datasets_name_the_problem(name, data, expected):
 def test_size_limit():
     with pytest.raises(InvalidDataset, match=r"big.csv: the file is 2000 bytes, above the upload limit of 1000 bytes"):
         parse("big.csv", b"a\n" + b"1\n" * 999, max_bytes=1000)
+
+
+# -- CSV typing without pandas agrees with pandas ---------------------------------------------
+
+def _both_ways(text: str):
+    """(rows typed without pandas or None, rows typed by pandas), from the same records."""
+    import csv
+    import io
+
+    from engine.dataset import _typed_as_pandas_would, _typed_by_pandas
+
+    records = [r for r in csv.reader(io.StringIO(text, newline=""))]
+    header, records = records[0], [r for r in records[1:] if r]
+    fast = _typed_as_pandas_would(header, records)
+    columns, slow = _typed_by_pandas(text)
+    assert columns == header
+    return fast, slow
+
+
+def _typed(rows):
+    return [[(type(v), v) for v in row] for row in rows]
+
+
+CELLS = ["0", "7", "-12", "007", "123456789012345678", "1234567890123456789", "+5",
+         "2.5", "-0.25", "1.", ".5", "1e3", "2.5E-3", "3.14159265358979", "0.1000000000000000055",
+         "true", "False", "TRUE", "yes", "inf", "-Infinity", "nan", "NaN", "NA", "null",
+         "x", "hello world", " 1", "1 ", " ", "1,000", "1_000", "0x1A", "-", ".", "e",
+         "a\nb", 'say "hi"', "é", "٣", "1/2", "12:30", "2024-01-01", ""]
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_csv_types_without_pandas_are_the_types_pandas_gives(seed):
+    import csv
+    import io
+    import random
+
+    rng = random.Random(seed)
+    columns = rng.randint(1, 4)
+    # Each column draws from a few kinds of cell, so that clean int/float/bool/text columns
+    # occur often, and mixtures of every sort sometimes.
+    pools = [rng.sample(CELLS, rng.randint(1, 3)) if rng.random() < 0.3 else
+             rng.choice([["0", "7", "-12", "007", ""], ["2.5", "1e3", "7", ".5"],
+                         ["true", "False", ""], ["x", "hello world", "7", ""]])
+             for _ in range(columns)]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([f"c{i}" for i in range(columns)])
+    for _ in range(rng.randint(1, 12)):
+        row = [rng.choice(pool) for pool in pools]
+        if columns > 1 and rng.random() < 0.1:
+            row = row[:rng.randint(1, columns - 1)]  # a short row
+        writer.writerow(row)
+    fast, slow = _both_ways(out.getvalue())
+    if fast is not None:
+        assert _typed(fast) == _typed(slow), out.getvalue()
+
+
+@pytest.mark.parametrize("text", [
+    "i\n1\n2\n", "i,f\n1,2.5\n,3\n", "b\ntrue\nFalse\n\n", "s\nx\n1\n", "e\n\n\n1\n",
+    "a,b\n1\n2,\n", "n\n123456789012345678\n", "f\n0.1000000000000000055511151231257827\n",
+    "m\ntrue\n1\n", "w\n 1\n", 'q\n"a ""quoted"" word"\n', "t\n\"two\nlines\"\n",
+])
+def test_csv_typing_edge_cases_agree_with_pandas(text):
+    fast, slow = _both_ways(text)
+    if fast is not None:
+        assert _typed(fast) == _typed(slow)
+
+
+def test_common_csvs_are_typed_without_pandas():
+    # The fast path must actually be taken for ordinary files, or it saves nothing.
+    fast, _ = _both_ways((SHARED_DATA / "shakespeare_passages.csv").read_text())
+    assert fast is not None
+    fast, _ = _both_ways("i,f,b,s\n1,2.5,true,x\n,3,false,\n")
+    assert _typed(fast) == [[(int, 1), (float, 2.5), (bool, True), (str, "x")],
+                            [(type(None), None), (float, 3.0), (bool, False), (type(None), None)]]
