@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import select, text
 
 from engine.accounts import visible_project
-from engine.models import DatasetChunk, Task
+from engine.models import DatasetChunk, Task, failed_tasks
 from engine.projects import CHUNK_ROWS
 from engine.status import TaskStatus
 from engine.store import Store
@@ -83,11 +83,11 @@ def failed_page(store: Store, actor, project_id: int, *, after: int = -1,
     with store.session() as session:
         project = visible_project(session, actor, project_id)
         columns = json.loads(project.columns_json)
-        tasks = session.execute(
-            select(Task.row_index, Task.status, Task.output, Task.error, Task.verification)
-            .where(Task.project_id == project_id, Task.status == TaskStatus.FAILED.value,
-                   Task.row_index > after)
-            .order_by(Task.row_index).limit(limit + 1)).all()
+        tasks = session.execute(text(
+            "SELECT row_index, status, output, error, verification "
+            f"FROM {failed_tasks(session)} WHERE project_id = :p AND status = 'failed' "
+            "AND row_index > :after ORDER BY row_index LIMIT :n"),
+            {"p": project_id, "after": int(after), "n": limit + 1}).all()
         more = len(tasks) > limit
         tasks = tasks[:limit]
         inputs = _inputs(session, project_id, [t.row_index for t in tasks])
@@ -107,7 +107,7 @@ def error_groups(store: Store, actor, project_id: int) -> list[ErrorGroup]:
         groups = session.execute(text(
             f"SELECT CASE WHEN {find}(error, ':') > 0 THEN substr(error, 1, {find}(error, ':') - 1) "
             "ELSE error END AS kind, count(*) AS n, min(row_index) AS first "
-            "FROM tasks WHERE project_id = :p AND status = 'failed' "
+            f"FROM {failed_tasks(session)} WHERE project_id = :p AND status = 'failed' "
             "GROUP BY kind ORDER BY n DESC, first"), {"p": project_id}).all()
         result = []
         for kind, count, first in groups:

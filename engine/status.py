@@ -21,7 +21,7 @@ from typing import NamedTuple, Sequence
 from sqlalchemy import text, update
 from sqlalchemy.orm import Session
 
-from engine.models import Project
+from engine.models import Project, failed_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -312,8 +312,9 @@ def decide_rows(session: Session, project_id: int,
 
 def _stop_if_systematic(session: Session, project_id: int, rows: int) -> None:
     first = session.execute(
-        text("SELECT error, traceback FROM tasks WHERE project_id = :p AND status = 'failed' "
-             "ORDER BY finished_at, row_index LIMIT :n"), {"p": project_id, "n": rows}).all()
+        text(f"SELECT error, traceback FROM {failed_tasks(session)} WHERE project_id = :p "
+             "AND status = 'failed' ORDER BY finished_at, row_index LIMIT :n"),
+        {"p": project_id, "n": rows}).all()
     kinds = {(error or "").split(":", 1)[0] for error, _ in first}
     if len(first) >= rows and len(kinds) == 1:
         kind = kinds.pop()
@@ -334,14 +335,15 @@ def rerun_failed(session: Session, project_id: int) -> int:
     if project.status not in (ProjectStatus.COMPLETE.value, ProjectStatus.FAILED.value):
         return -1
     attempt = project.attempt
+    failed = failed_tasks(session)
     session.execute(text(
         "INSERT INTO task_history (project_id, row_index, attempt, status, output, error, "
         "traceback, node_id, cpu_seconds, finished_at) "
         "SELECT project_id, row_index, :a, status, output, error, traceback, node_id, "
-        "cpu_seconds, finished_at FROM tasks WHERE project_id = :p AND status = 'failed'"),
+        f"cpu_seconds, finished_at FROM {failed} WHERE project_id = :p AND status = 'failed'"),
         {"p": project_id, "a": attempt})
-    moved = session.execute(text("DELETE FROM tasks WHERE project_id = :p AND status = 'failed'"),
-                            {"p": project_id}).rowcount
+    moved = session.execute(text(f"DELETE FROM {failed} WHERE project_id = :p "
+                                 "AND status = 'failed'"), {"p": project_id}).rowcount
     changed = session.execute(
         update(Project).where(Project.id == project_id, Project.status == project.status).values(
             status=ProjectStatus.SUBMITTED.value, attempt=attempt + 1,

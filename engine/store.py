@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from engine.errors import InvalidRequest
-from engine.models import SCHEMA_VERSION, Base, DispatcherLease, Meta
+from engine.models import SCHEMA_VERSION, Base, DispatcherLease, Meta, Task
 from engine.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -61,10 +61,16 @@ class Store:
             row = session.get(Meta, "schema_version")
             if row is None:
                 session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(row.value) > SCHEMA_VERSION:
+                return
+            version = int(row.value)
+            if version > SCHEMA_VERSION:
                 raise RuntimeError(
-                    f"database schema version {row.value} is newer than this release "
+                    f"database schema version {version} is newer than this release "
                     f"({SCHEMA_VERSION}); upgrade Constellation")
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                _MIGRATIONS[step](session)
+                logger.info("store: migrated the schema to version %d", step)
+            row.value = str(SCHEMA_VERSION)
 
     def schema_version(self) -> int:
         with self.session() as session:
@@ -160,10 +166,40 @@ class Store:
             return lease.holder
 
 
+def _index_failed_rows_only(session: Session) -> None:
+    """Version 2: the index over every task's status becomes one over failed rows only."""
+    session.execute(text("DROP INDEX IF EXISTS ix_tasks_project_status"))
+    for index in Task.__table__.indexes:
+        if index.name == "ix_tasks_failed":
+            index.create(session.connection(), checkfirst=True)
+
+
+# Schema version -> the step that brings a database from the version before it.
+_MIGRATIONS = {2: _index_failed_rows_only}
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    _use_wal(cursor)
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _use_wal(cursor) -> None:
+    """Put the file in WAL mode (a property of the file: the first connection sets it).
+
+    Switching needs the file to itself. Processes opening a new database together (the
+    portal and the dispatcher) once got "database is locked" here in a test under load, so
+    a busy switch is retried for as long as the busy timeout.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")  # an in-memory database stays "memory"
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)

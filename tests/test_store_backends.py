@@ -305,7 +305,8 @@ def test_processes_starting_together_create_the_schema_once(fresh):
         try:
             made.append(Store(settings))
         except Exception as exc:  # reported below: the test is that none happens
-            errors.append(exc)
+            import traceback
+            errors.append(traceback.format_exc())
 
     threads = [threading.Thread(target=start) for _ in range(6)]
     for thread in threads:
@@ -375,6 +376,57 @@ def test_results_pages_failed_rows_and_error_groups(store, settings):
     assert [(g.kind, g.count, g.example_row) for g in groups] == \
         [("KeyError", 143, 0), ("ValueError", 143, 7)]
     assert groups[0].example_traceback == "Traceback (row 0)"
+
+
+def test_failed_row_queries_use_the_failed_rows_index(store, settings):
+    if dialect(store) != "sqlite":
+        pytest.skip("PostgreSQL's planner chooses from statistics; SQLite is told")
+    from sqlalchemy import event
+
+    owner = accounts.local_admin(store)
+    pid = running(store, settings, rows=3000)
+    with store.session() as session:
+        record_results(session, pid, [bad(i) if i % 100 == 0 else ok(i) for i in range(3000)],
+                       NODE_A)
+    seen: list[str] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if "status = 'failed'" in statement:
+            seen.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", capture)
+    try:
+        results.failed_page(store, owner, pid, after=-1, limit=10)
+        results.error_groups(store, owner, pid)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", capture)
+    assert len(seen) == 2
+    with store.engine.connect() as connection:
+        for statement in seen:
+            plan = connection.exec_driver_sql(
+                "EXPLAIN QUERY PLAN " + statement.replace("?", "1")).all()
+            assert any("ix_tasks_failed" in step[-1] for step in plan), (statement, plan)
+
+
+def test_a_version_1_database_is_migrated(store, settings):
+    with store.session() as session:
+        session.execute(text("DROP INDEX ix_tasks_failed"))
+        session.execute(text("CREATE INDEX ix_tasks_project_status "
+                             "ON tasks (project_id, status, row_index)"))
+        session.execute(text("UPDATE meta SET value = '1' WHERE key = 'schema_version'"))
+    assert store.schema_version() == 1
+    migrated = Store(settings)
+    assert migrated.schema_version() == 2
+    with migrated.engine.connect() as connection:
+        if dialect(store) == "sqlite":
+            names = connection.exec_driver_sql(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'tasks'")
+        else:
+            names = connection.exec_driver_sql(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'tasks'")
+        names = {name for (name,) in names}
+    assert "ix_tasks_failed" in names and "ix_tasks_project_status" not in names
+    migrated.engine.dispose()
 
 
 def test_credit_and_the_leaderboard(store, settings):
