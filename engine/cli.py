@@ -167,7 +167,7 @@ def wait_for_project(store: Store, settings: Settings, project_id: int) -> Proje
 
     while not status().is_terminal():
         if store.lease_holder() is not None:
-            time.sleep(0.1)
+            time.sleep(0.05)
             continue
         head = cluster.ensure_head(settings)
         try:

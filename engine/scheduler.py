@@ -52,6 +52,7 @@ from engine.store import Store
 logger = logging.getLogger(__name__)
 
 _REFRESH_SECONDS = 0.25
+_NEW_WORK_SECONDS = 0.03  # how often an idle dispatcher looks for a new submission
 _REGISTRY_SECONDS = 2.0
 _HEAD_LOST_SECONDS = 10.0
 _WAITING = "waiting for "  # how the notice of a project short of volunteers begins
@@ -182,7 +183,9 @@ class Dispatcher:
                 if now - last_renew > self.settings.lease_seconds / 3:
                     self._renew()
                     last_renew = now
-                if now - last_refresh > _REFRESH_SECONDS:
+                if now - last_refresh > _REFRESH_SECONDS or (
+                        not self._runs and now - last_refresh > _NEW_WORK_SECONDS
+                        and self._submission_waiting()):
                     self._check_head()
                     if self._head_lost_since is not None:
                         time.sleep(0.5)  # Ray calls would block while the head is gone
@@ -205,6 +208,15 @@ class Dispatcher:
             self._runs.clear()
             self.store.release_lease(self.holder)
             logger.info("dispatcher %s: stopped", self.holder)
+
+    def _submission_waiting(self) -> bool:
+        """A cheap look for a submitted project, so that an idle dispatcher starts it at once."""
+        try:
+            with self.store.session() as session:
+                return session.execute(select(Project.id).where(
+                    Project.status == ProjectStatus.SUBMITTED.value).limit(1)).first() is not None
+        except SQLAlchemyError:
+            return False  # the full refresh reports store errors
 
     def _renew(self) -> None:
         try:
