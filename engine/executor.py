@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 CHILD_SOURCE = (Path(__file__).parent / "child.py").read_text()
 _WARM_CHILDREN = 2
 _GRACE_SECONDS = 3.0
+_WAKE_SECONDS = 0.25  # longest wait on a child before looking for an interrupt
 _STARTUP_SECONDS = 60.0
 
 
@@ -62,11 +63,14 @@ class Outcome:
 
 
 def run_rows(source: str, filename: str, columns: Sequence[str],
-             rows: Sequence[tuple[int, Sequence[Any]]], limits: Limits) -> Outcome:
+             rows: Sequence[tuple[int, Sequence[Any]]], limits: Limits, *,
+             plain: bool = False) -> Outcome:
     """Run ``main`` over ``rows`` (pairs of row index and values) in a sandboxed child.
 
     Raises ``SandboxUnavailable`` when the sandbox does not work on this node (and the
     limits do not allow running without it): the caller retries the batch elsewhere.
+    With ``plain``, results are plain tuples in ``RowResult``'s field order: a million-row
+    project's nodes build and pickle those several times faster.
     """
     outcome = Outcome()
     pending = list(rows)
@@ -77,7 +81,12 @@ def run_rows(source: str, filename: str, columns: Sequence[str],
             _pool.discard(child)
             outcome.script_error, outcome.script_traceback = child.script_error
             return outcome
-        received, end = child.run(columns, pending, isolate, limits.row_timeout)
+        try:
+            received, end = child.run(columns, pending, isolate, limits.row_timeout)
+        except BaseException:
+            # Interrupted mid-batch (a cancelled Ray task): the child still holds rows.
+            _pool.discard(child)
+            raise
         outcome.results.extend(received)
         pending = pending[len(received):]
         if end == "done":
@@ -93,7 +102,9 @@ def run_rows(source: str, filename: str, columns: Sequence[str],
             isolate = True
             continue
         index, _values = pending.pop(0)
-        outcome.results.append(RowResult(index, False, None, end, None, 0.0))
+        outcome.results.append((index, False, None, end, None, 0.0))
+    if not plain:
+        outcome.results = list(map(RowResult._make, outcome.results))
     return outcome
 
 
@@ -150,6 +161,7 @@ def _self_test() -> str:
     finally:
         if child is not None:
             child.close()
+    results = list(map(RowResult._make, results))
     if end != "done" or not results or not results[0].succeeded:
         reason = results[0].error if results else end
         return f"unavailable: the probe failed: {reason}"
@@ -248,10 +260,13 @@ class _Child:
         self.failure = None
         while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
-            ready = select.select([self._out_read], [], [], remaining)[0] if remaining > 0 else []
-            if not ready:
+            if remaining <= 0:
                 self.failure = "timeout"
                 return None
+            # Wake at least every _WAKE_SECONDS: a cancelled Ray task gets its
+            # KeyboardInterrupt between two Python instructions, not inside select().
+            if not select.select([self._out_read], [], [], min(remaining, _WAKE_SECONDS))[0]:
+                continue
             chunk = os.read(self._out_read, 1 << 20)
             if not chunk:
                 self.failure = "eof"
@@ -270,7 +285,7 @@ class _Child:
             return None
         return message
 
-    def run(self, columns, rows, isolate: bool, timeout: float) -> tuple[list[RowResult], str]:
+    def run(self, columns, rows, isolate: bool, timeout: float) -> tuple[list[tuple], str]:
         """Send rows; collect results in order. Returns (results, how it ended).
 
         How it ended: "done" (the child stays warm), "recycle" (all rows done, but the
@@ -278,7 +293,7 @@ class _Child:
         child reported a row over its time limit and exited), or an error text for the
         row that was running when the child died.
         """
-        received: list[RowResult] = []
+        received: list[tuple] = []  # RowResult field order
         if not self._send({"columns": list(columns), "rows": list(rows),
                            "isolate": isolate, "timeout": timeout}):
             return received, self._death_text()
@@ -378,15 +393,16 @@ def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _parse_result(item: Any, expected_index: int | None) -> RowResult | None:
+def _parse_result(item: Any, expected_index: int | None) -> tuple | None:
+    """A child's result item, checked, as a plain tuple in ``RowResult``'s field order."""
     if not (isinstance(item, list) and len(item) == 5 and item[0] == expected_index
             and item[0] is not None and item[1] in (0, 1) and isinstance(item[2], str)
             and isinstance(item[4], (int, float))):
         return None
-    tb = item[3] if isinstance(item[3], str) else None
     if item[1] == 1:
-        return RowResult(item[0], True, item[2], None, None, float(item[4]))
-    return RowResult(item[0], False, None, item[2], tb, float(item[4]))
+        return (item[0], True, item[2], None, None, float(item[4]))
+    return (item[0], False, None, item[2], item[3] if isinstance(item[3], str) else None,
+            float(item[4]))
 
 
 class _Pool:

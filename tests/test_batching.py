@@ -1,5 +1,8 @@
-"""Batch sizing is pure logic: unit tests without Ray."""
+"""Batch sizing and batch contents: unit tests without Ray."""
 
+import pytest
+
+from conftest import submit_numbers
 from engine.batching import BatchSizer
 
 
@@ -33,3 +36,20 @@ def test_slow_rows_that_use_no_cpu_still_make_small_batches():
     sizer = BatchSizer(fixed=None, initial=1000, target_seconds=1.0)
     sizer.observe(10, 5.0)  # 0.5 s per row spent sleeping: wall time, not CPU time, decides
     assert sizer.next_size(remaining=1000, cores=2) == 2
+
+
+@pytest.mark.parametrize("start, end, whole", [
+    (0, 1000, [0]), (990, 2010, [1000]), (1500, 1600, []), (2400, 2500, []), (0, 2500, [0, 1000, 2000]),
+])
+def test_batches_carry_exactly_their_rows_across_chunks(store, settings, start, end, whole):
+    """A batch's rows travel as stored chunks (whole) or values cut from partly covered ones."""
+    from engine.scheduler import Dispatcher, _Run, batch_rows
+
+    pid = submit_numbers(store, settings, "square.py", 2500)  # chunks at rows 0, 1000, 2000
+    run = _Run.__new__(_Run)
+    run.project_id = pid
+    parts = Dispatcher(store, settings)._parts(run, start, end)
+    assert [first for first, part in parts if isinstance(part, str)] == whole
+    assert batch_rows(start, end, None, parts) == [(i, [i]) for i in range(start, end)]
+    if (start, end) == (990, 2010):  # a replica follow-up names its rows
+        assert batch_rows(start, end, (995, 2005), parts) == [(995, [995]), (2005, [2005])]

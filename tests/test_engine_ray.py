@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import platform
 import threading
 import time
@@ -112,3 +113,53 @@ def test_only_one_dispatcher_holds_the_lease(store, cluster_settings):
     store.release_lease(first.holder)
     assert store.acquire_lease(second.holder, 30)
     store.release_lease(second.holder)
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line), for every process on the machine."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat, open(f"/proc/{entry}/cmdline", "rb") as cmd:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+                    found[int(entry)] = (parent, cmd.read().replace(b"\0", b" ").decode(errors="replace"))
+            except (OSError, ValueError):
+                pass
+    return found
+
+
+def test_a_cancelled_batch_stops_its_child_and_keeps_its_ray_worker(cluster_settings):
+    """Cancelling a straggler's copy or a cancelled project's batch interrupts the batch: its
+    sandboxed child (and what that started) goes, and the Ray worker stays for the next."""
+    import pickle
+
+    import ray
+    from ray.exceptions import TaskCancelledError
+
+    from engine import cluster
+    from engine.executor import Limits
+    from engine.scheduler import _stop, run_batch_on_node
+
+    cluster.connect(cluster_settings)
+    marker = "sleep 4242.5"
+    source = f"import subprocess\ndef main(row):\n    subprocess.run({marker.split()!r})\n"
+    remote = ray.remote(num_cpus=1, max_retries=0)(run_batch_on_node)
+    ref = remote.remote(source, "sleeper.py", ["x"], pickle.dumps((0, 1, None, [(0, [[0]])])),
+                        Limits(row_timeout=60.0))
+    deadline = time.monotonic() + 60
+    while not (sleeping := [pid for pid, (_, cmd) in _processes().items() if cmd.strip() == marker]):
+        assert time.monotonic() < deadline, "the batch never started"
+        time.sleep(0.1)
+    table = _processes()
+    worker = sleeping[0]
+    while not table[worker][1].startswith("ray::"):
+        worker = table[worker][0]
+    _stop(ref)
+    with pytest.raises(TaskCancelledError):
+        ray.get(ref, timeout=30)
+    deadline = time.monotonic() + 10
+    while any(cmd.strip() == marker for _, cmd in _processes().values()):
+        assert time.monotonic() < deadline, "the cancelled batch's child is still running"
+        time.sleep(0.1)
+    assert worker in _processes(), "the Ray worker was killed with its batch"
