@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import Float, Index, Integer, String, delete, func, select, text
+from sqlalchemy import Float, Index, Integer, String, delete, func, insert, select, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from engine.errors import InvalidRequest
@@ -113,15 +113,13 @@ def _rollup_sql(replicated: bool, dialect: str = "sqlite"):
     table, accepted = _SOURCES[replicated]
     earns = f"{accepted} AND (n.revoked_at IS NULL OR x.finished_at < n.revoked_at)"
     return text(f"""
-        INSERT INTO credit_rollup (project_id, node_id, hour, completed, accepted, cpu_seconds,
-                                   last_finished)
-        SELECT x.project_id, x.node_id, {_HOUR[dialect]} AS hour, COUNT(*),
+        SELECT x.node_id, {_HOUR[dialect]} AS hour, COUNT(*),
                SUM(CASE WHEN {earns} THEN 1 ELSE 0 END),
                SUM(CASE WHEN {earns} THEN x.cpu_seconds ELSE 0 END),
                MAX(x.finished_at)
         FROM {table} AS x LEFT JOIN nodes AS n ON n.node_id = x.node_id
         WHERE x.project_id = :p AND x.node_id IS NOT NULL
-        GROUP BY x.project_id, x.node_id, hour
+        GROUP BY x.node_id, hour
     """)
 
 
@@ -169,12 +167,23 @@ def refresh(store: Store, *, force: bool = False) -> int:
 
 
 def _sum_project(store: Store, project_id: int, snapshot: str) -> None:
+    # Read first, write after: the sums take about a second over a million tasks, and in
+    # SQLite a write transaction would hold off every other writer (the dispatcher storing
+    # results) for that long. Reads do not block writers in WAL mode.
     started = time.perf_counter()
     with store.session() as session:
         median, accepted = project_median(session, project_id)
+        rows = session.execute(_rollup_sql(_replicated(session, project_id),
+                                           session.get_bind().dialect.name),
+                               {"p": project_id}).all()
+    with store.session() as session:
         session.execute(delete(CreditRollup).where(CreditRollup.project_id == project_id))
-        session.execute(_rollup_sql(_replicated(session, project_id), session.get_bind().dialect.name),
-                        {"p": project_id})
+        if rows:
+            session.execute(insert(CreditRollup), [
+                {"project_id": project_id, "node_id": node_id, "hour": hour,
+                 "completed": completed, "accepted": earned, "cpu_seconds": cpu,
+                 "last_finished": last}
+                for node_id, hour, completed, earned, cpu, last in rows])
         entry = session.get(ProjectCredit, project_id) or ProjectCredit(project_id=project_id)
         entry.median_cpu_seconds, entry.accepted, entry.snapshot = median, accepted, snapshot
         entry.refreshed_at = time.time()

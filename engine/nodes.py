@@ -240,12 +240,14 @@ def _is_head(ray_node: dict) -> bool:
             or "node:__internal_head__" in (ray_node.get("Resources") or {}))
 
 
-def sync_registry(store: Store, settings: Settings, ray_nodes: list[dict]) -> None:
+def sync_registry(store: Store, settings: Settings, ray_nodes: list[dict], *,
+                  refresh_credit: bool = True) -> None:
     """Bring the registry in line with ``ray.nodes()`` and the credit tables with the tasks.
 
     Verifies each node's signature (so a rotation takes effect here too), marks nodes
     online or offline, and records first and last seen. Nodes missing from ``ray_nodes``
-    (the head restarted and forgot them) are offline.
+    (the head restarted and forgot them) are offline. Without ``refresh_credit`` the
+    caller brings the credit tables up to date itself (the dispatcher does, on a thread).
     """
     import ray
 
@@ -291,7 +293,8 @@ def sync_registry(store: Store, settings: Settings, ray_nodes: list[dict]) -> No
             if node.node_id not in seen and node.online:
                 node.online = False
                 logger.info("node %s: gone from the cluster", node.node_id[:12])
-    credit.refresh(store)
+    if refresh_credit:
+        credit.refresh(store)
 
 
 def _claim(node: Node, owner: str | None, now: float) -> None:

@@ -273,3 +273,29 @@ def test_leaderboard_stays_fast_with_a_million_tasks(store, settings):
           ", ".join(f"{w} {t * 1000:.1f} ms" for w, t in timings.items()))
     assert sum(r.tasks for r in credit.leaderboard(store, "all")) == expected
     assert max(timings.values()) < 0.2, timings
+
+
+def test_the_dispatcher_sums_credit_on_its_own_thread_one_refresh_at_a_time(store, settings,
+                                                                           monkeypatch):
+    """Summing a finished million-row project takes a second: the dispatching thread must
+    not wait for it, and refreshes must not pile up."""
+    import threading
+
+    from engine.scheduler import Dispatcher
+
+    started, release = threading.Event(), threading.Event()
+    calls = []
+
+    def slow_refresh(store_):
+        calls.append(threading.current_thread().name)
+        started.set()
+        release.wait(30)
+
+    monkeypatch.setattr(credit, "refresh", slow_refresh)
+    dispatcher = Dispatcher(store, settings)
+    dispatcher._refresh_credit()
+    assert started.wait(10)
+    dispatcher._refresh_credit()  # still summing: no second refresh
+    release.set()
+    dispatcher._credit_thread.join(10)
+    assert calls == ["credit"]
