@@ -52,7 +52,8 @@ def _rows(store: Store, project: Project) -> Iterator[tuple[int, list, tuple | N
             select(DatasetChunk.start_row, DatasetChunk.payload)
             .where(DatasetChunk.project_id == project.id).order_by(DatasetChunk.start_row)
             .execution_options(yield_per=16))
-        tasks = tasks_session.execute(
+        # Through the Core connection: the ORM's row processing cost a tenth of an export.
+        tasks = tasks_session.connection().execute(
             select(Task.row_index, Task.status, Task.output, Task.error, Task.verification)
             .where(Task.project_id == project.id).order_by(Task.row_index)
             .execution_options(yield_per=_YIELD))
@@ -105,6 +106,21 @@ def _output_keys(store: Store, project_id: int) -> list[str] | None:
     return list(keys) if seen_any else None
 
 
+def _output_cell(text: str) -> str:
+    """An output's CSV cell from its stored JSON text.
+
+    Outputs are stored by the sandboxed child's ``json.dumps``, so a number, true or false
+    already reads as ``_cell`` would write it: only strings, lists and objects (and null)
+    need decoding. A million-row export saved a JSON round trip per row this way.
+    """
+    if text[0] in _AS_STORED and text != "null":
+        return text
+    return _cell(json.loads(text))
+
+
+_AS_STORED = frozenset("-0123456789tfn")
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -127,7 +143,7 @@ def _write_csv(store: Store, project: Project, columns: list[str], out: TextIO) 
         if task is None or task[2] is None:
             outputs = [""] * len(output_columns)
         elif keys is None:
-            outputs = [_cell(json.loads(task[2]))]
+            outputs = [_output_cell(task[2])]
         else:
             output = json.loads(task[2])
             outputs = [_cell(output.get(k)) for k in keys] if isinstance(output, dict) \

@@ -123,6 +123,17 @@ def test_csv_export_of_scalar_outputs(store, settings):
     assert out.getvalue() == "x,output,error,verification\n1,1,,unverified\n2,text,,unverified\n"
 
 
+@pytest.mark.parametrize("value", [0, -3, 10**30, 2.5, -1e-300, 1e300, float("inf"), True, False,
+                                   None, "text", "", "1", "null", "ünï \"q\"", [1, "a"], {"k": [1]}])
+def test_csv_cells_of_stored_outputs_are_those_of_decoded_outputs(value):
+    """The export copies numbers and booleans as stored; anything else is decoded first."""
+    from engine.export import _cell, _output_cell
+
+    # As the sandboxed child stores an output.
+    stored = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    assert _output_cell(stored) == _cell(json.loads(stored))
+
+
 def test_unknown_project_is_not_found(store):
     with pytest.raises(NotFound):
         projects.project_status(store, accounts.local_admin(store), 999)
