@@ -139,7 +139,8 @@ def test_a_cancelled_batch_stops_its_child_and_keeps_its_ray_worker(cluster_sett
 
     from engine import cluster
     from engine.executor import Limits
-    from engine.scheduler import _stop, run_batch_on_node
+    from engine.scheduler import _stop
+    from engine.worker import run_batch_on_node
 
     cluster.connect(cluster_settings)
     marker = "sleep 4242.5"
