@@ -1,5 +1,9 @@
 """The dispatcher's bookkeeping for replicated projects: which volunteer returned what.
 
+``ReplicaTracker`` holds, in memory, the replicas of rows not yet decided; ``settle``
+stores a volunteer's replicas and what they decide; ``recover`` reloads the undecided
+ones after a restart.
+
 Rows are first sent anywhere (except unclaimed nodes). When a volunteer's results come
 back, each row is decided (``engine.verification.decide``) or needs another replica,
 which is sent with a label selector that keeps it off every node of the volunteers
@@ -13,7 +17,13 @@ import random
 from collections import defaultdict
 from typing import Callable, Iterable, Sequence
 
-from engine.status import RowResult
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from engine import verification
+from engine.models import Replica
+from engine.nodes import HEAD
+from engine.status import RowResult, decide_rows, record_replicas
 from engine.verification import Comparison, Verification, decide
 
 # (kept result, its node, verification, parties on the winning side, every party)
@@ -103,3 +113,46 @@ class ReplicaTracker:
     def _forget(self, row: int) -> None:
         self.received.pop(row, None)
         self.spot_checked.discard(row)
+
+
+def settle(session: Session, tracker: ReplicaTracker, project_id: int, script_sha256: str,
+           party: str, node_id: str, results: Sequence[RowResult],
+           parties_online: set[str]) -> list[Decided]:
+    """Store one volunteer's replicas, decide the rows that can be decided, update trust."""
+    trust_cache: dict[str, bool] = {}
+
+    def is_trusted(volunteer: str) -> bool:
+        if volunteer not in trust_cache:
+            trust_cache[volunteer] = volunteer != HEAD and verification.trusted(
+                session, volunteer, script_sha256)
+        return trust_cache[volunteer]
+
+    record_replicas(session, project_id, party, node_id, results)
+    touched = tracker.add(party, node_id, results)
+    decided = tracker.evaluate(touched, parties_online, is_trusted)
+    decide_rows(session, project_id, decided)
+    for _result, _node, how, agreeing, every in decided:
+        if how == Verification.BY_TRUST.value:
+            continue  # nobody was compared: trust moves on comparisons only
+        for volunteer in every:
+            if volunteer != HEAD:
+                verification.update_trust(session, volunteer, script_sha256,
+                                          volunteer in agreeing)
+    return decided
+
+
+def recover(session: Session, tracker: ReplicaTracker, project_id: int) -> set[int]:
+    """After a restart: reload the replicas stored without a decision; returns their rows.
+
+    Those rows are not dispatched from scratch again: each waits for its next replica.
+    """
+    rows = set()
+    for r in session.execute(select(Replica).where(
+            Replica.project_id == project_id, Replica.agreed.is_(None))).scalars():
+        tracker.add(r.party, r.node_id, [RowResult(r.row_index, r.status == "succeeded",
+                                                   r.output, r.error, r.traceback,
+                                                   r.cpu_seconds)])
+        rows.add(r.row_index)
+    for row in rows:
+        tracker.requeue(tracker.parties(row), [row])
+    return rows

@@ -36,18 +36,15 @@ from typing import Any, Callable
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from engine import cluster, credit, nodes
+from engine import cluster, credit, nodes, replication
 from engine.batching import BatchSizer
 from engine.executor import Limits
-from engine import verification
-from engine.models import (DatasetChunk, DispatcherLease, NodeScriptFailure, Project, Replica,
-                           Task)
+from engine.models import DatasetChunk, DispatcherLease, NodeScriptFailure, Project, Task
 from engine.replication import ReplicaTracker
-from engine.verification import Comparison
 from engine.settings import Settings
-from engine.status import (ProjectStatus, RowResult, decide_rows, record_replicas, record_results,
-                           transition_project)
+from engine.status import ProjectStatus, RowResult, record_results, transition_project
 from engine.store import Store
+from engine.verification import Comparison
 from engine.worker import run_batch_on_node
 
 logger = logging.getLogger(__name__)
@@ -365,25 +362,15 @@ class Dispatcher:
 
     def _recover_replicas(self, session, run: _Run) -> None:
         """After a restart: rows with some replicas but no decision resume where they were."""
-        replicas = session.execute(
-            select(Replica).where(Replica.project_id == run.project_id, Replica.agreed.is_(None))
-        ).scalars().all()
-        if not replicas:
+        rows = replication.recover(session, run.replicas, run.project_id)
+        if not rows:
             return
-        rows = set()
-        for r in replicas:
-            result = RowResult(r.row_index, r.status == "succeeded", r.output, r.error,
-                               r.traceback, r.cpu_seconds)
-            run.replicas.add(r.party, r.node_id, [result])
-            rows.add(r.row_index)
         # Those rows are not dispatched from scratch again; their next replicas are follow-ups.
         remaining = []
         for start, end in run.todo:
             remaining += _missing_ranges(iter(sorted(i for i in rows if start <= i < end)), end,
                                          first=start)
         run.todo = deque(remaining)
-        for row in rows:
-            run.replicas.requeue(run.replicas.parties(row), [row])
         logger.info("project %s: %d rows resume with the replicas stored before", run.project_id,
                     len(rows))
 
@@ -621,25 +608,10 @@ class Dispatcher:
                            run.project_id, node_id[:12])
             run.replicas.requeue(batch.exclude_parties, rows)
             return
-        trust_cache: dict[str, bool] = {}
         with self.store.session() as session:
-            def is_trusted(volunteer: str) -> bool:
-                if volunteer not in trust_cache:
-                    trust_cache[volunteer] = volunteer != nodes.HEAD and verification.trusted(
-                        session, volunteer, run.script_sha256)
-                return trust_cache[volunteer]
-
-            record_replicas(session, run.project_id, party, node_id, results)
-            touched = run.replicas.add(party, node_id, results)
-            decided = run.replicas.evaluate(touched, self._parties_online(), is_trusted)
-            decide_rows(session, run.project_id, decided)
-            for result, _node, how, agreeing, every in decided:
-                if how == verification.Verification.BY_TRUST.value:
-                    continue
-                for volunteer in every:
-                    if volunteer != nodes.HEAD:
-                        verification.update_trust(session, volunteer, run.script_sha256,
-                                                  volunteer in agreeing)
+            decided = replication.settle(session, run.replicas, run.project_id,
+                                         run.script_sha256, party, node_id, results,
+                                         self._parties_online())
         logger.debug("project %s: %d replicas from %s; %d rows decided, %d waiting",
                      run.project_id, len(results), party, len(decided), run.replicas.waiting_rows())
         returned = {r.row_index for r in results}

@@ -255,6 +255,43 @@ def test_replicas_are_kept_then_decided(store, settings):
     assert (p.rows_verified, p.status) == (2, "complete")
 
 
+def test_replicas_settle_into_decisions_and_trust_and_recover_after_a_restart(store, settings):
+    """What the dispatcher does with a volunteer's replicas (replication.settle), and what a
+    restarted dispatcher reloads (replication.recover)."""
+    import random
+
+    from engine import replication, verification
+    from engine.verification import Comparison
+
+    def tracker():
+        return replication.ReplicaTracker(replication=2, max_replicas=3,
+                                          comparison=Comparison.EXACT, tolerance=1e-9,
+                                          spot_check_rate=0.1, rng=random.Random(0))
+
+    pid = running(store, settings, rows=3, replication=2)
+    online = {"alice", "bob", "carol"}
+    first = tracker()
+    with store.session() as session:
+        decided = replication.settle(session, first, pid, "sha", "alice", NODE_A,
+                                     [ok(0), ok(1), ok(2)], online)
+        assert decided == []  # one replica decides nothing while others are online
+        decided = replication.settle(session, first, pid, "sha", "bob", NODE_B,
+                                     [ok(0), RowResult(1, True, "7", None, None, 0.5)], online)
+        assert [(r.row_index, how, agreeing) for r, _node, how, agreeing, _ in decided] == \
+            [(0, "verified", ("alice", "bob"))]
+        # Row 1 disagreed: it waits for a third volunteer; row 2 still waits for a second.
+        assert verification.trusted(session, "alice", "sha") is False  # one agreement only
+    p = project(store, pid)
+    assert (p.rows_verified, p.executions) == (1, 5)
+    # A new dispatcher knows nothing: it reloads rows 1 and 2 with the volunteers they had.
+    second = tracker()
+    with store.session() as session:
+        assert replication.recover(session, second, pid) == {1, 2}
+    assert second.parties(1) == {"alice", "bob"} and second.parties(2) == {"alice"}
+    assert dict(second.take_followups(online)) == {frozenset({"alice", "bob"}): [1],
+                                                   frozenset({"alice"}): [2]}
+
+
 def test_the_lease_has_one_holder(store, settings):
     assert store.lease_holder() is None
     assert store.cluster_health()["status"] == "no dispatcher"
