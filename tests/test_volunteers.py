@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -23,118 +21,34 @@ import time
 import pytest
 from sqlalchemy import select
 
-from conftest import ROOT, fixture_bytes, free_port, short_tempdir, write_token
-from engine import accounts, credit, nodes, projects
-from engine.accounts import Role
+from conftest import ROOT
+from engine import accounts, credit, nodes
 from engine.export import export_results
 from engine.models import Project, Replica, Task
-from engine.settings import Settings
-from engine.status import ProjectStatus
-from engine.store import Store
-from volunteer_cluster import VolunteerCluster, node_temp_dir, start_node, volunteer_env
+from volunteer_cluster import (VolunteerCluster, node_temp_dir, run_to_end, submit,
+                              volunteer_cluster, volunteer_env)
 
 pytestmark = pytest.mark.slow
 
-JOIN_SECONDS = 120
 WRONG_TOKEN_SECONDS = 90   # Ray gives up after about 20 s; allow for a loaded machine
+
+
 def replace_label(command: str, key: str, value: str) -> str:
     return re.sub(rf"{key}=[^,\s']+", f"{key}={value}", command)
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-
-    from engine.cluster import LocalHead
-
-    ray.shutdown()  # this process may be connected to the session's shared head
-    data_dir = short_tempdir("cv-head-")
-    write_token(data_dir)  # Ray in this process read the session's token at import
     # The head offers one CPU so that most work goes to the volunteers. Unclaimed nodes run
     # no work (the default); tests/test_credit.py shows that their work would earn nothing.
-    settings = Settings(data_dir=str(data_dir), ray_port=free_port(), ray_num_cpus=1,
-                        row_timeout=30.0)
-    store = Store(settings)
-    for name in ("alice", "bob"):
-        accounts.create_user(store, name, {Role.VOLUNTEER})
-    head = LocalHead(settings)
-    state = VolunteerCluster(settings, store)
-    # Ray puts the driver's working directory on every worker's sys.path. Here the nodes
-    # share the driver's disk, so from the repository the workers would import the engine
-    # from there; elsewhere they can only get it from the job's py_modules.
-    previous_cwd = os.getcwd()
-    os.chdir(data_dir)
-    try:
-        alice = nodes.join_command(store, settings, "alice")
-        state.nodes["alice"] = start_node("alice", alice)
-        state.nodes["bob"] = start_node("bob", nodes.join_command(store, settings, "bob"))
-        state.nodes["forger"] = start_node(
-            "forger", replace_label(alice, nodes.SIGNATURE_LABEL, "1-" + "0" * 40))
-        state.nodes["badtoken"] = start_node(
-            "badtoken", re.sub(r"RAY_AUTH_TOKEN=\w+", "RAY_AUTH_TOKEN=" + "1" * 64, alice))
-        _connect_and_wait(state, expected=4)
+    def others(commands: dict[str, str]) -> dict[str, tuple[str, bool]]:
+        alice = commands["alice"]
+        return {"forger": (replace_label(alice, nodes.SIGNATURE_LABEL, "1-" + "0" * 40), True),
+                "badtoken": (re.sub(r"RAY_AUTH_TOKEN=\w+", "RAY_AUTH_TOKEN=" + "1" * 64, alice),
+                             False)}
+
+    with volunteer_cluster(("alice", "bob"), head_cpus=1, others=others) as state:
         yield state
-    finally:
-        for node in state.nodes.values():
-            node.stop()
-        ray.shutdown()
-        os.chdir(previous_cwd)
-        head.stop(grace=2)
-        for node in state.nodes.values():
-            shutil.rmtree(node.directory, ignore_errors=True)
-        shutil.rmtree(data_dir, ignore_errors=True)
-
-
-def _connect_and_wait(state: VolunteerCluster, expected: int) -> None:
-    import ray
-
-    from engine import cluster as engine_cluster
-
-    engine_cluster.connect(state.settings)
-    deadline = time.monotonic() + JOIN_SECONDS
-    while True:
-        alive = [n for n in ray.nodes() if n["Alive"]]
-        if len(alive) >= expected:
-            break
-        for name in ("alice", "bob", "forger"):
-            assert state.nodes[name].process.poll() is None, \
-                f"{name}'s node exited:\n{state.nodes[name].output()[-3000:]}"
-        assert time.monotonic() < deadline, f"only {len(alive)} of {expected} nodes joined"
-        time.sleep(0.5)
-    # Tell the nodes apart by their temp dirs (every node here has the same address).
-    for n in alive:
-        temp = node_temp_dir(n)
-        for name, node in state.nodes.items():
-            if temp and temp.startswith(str(node.directory)):
-                state.node_ids[name] = n["NodeID"]
-    state.node_ids["head"] = next(n["NodeID"] for n in alive
-                                  if n["Labels"].get(nodes.ROLE_LABEL) == "head")
-    assert set(state.node_ids) == {"head", "alice", "bob", "forger"}, state.node_ids
-    state.sync(force=True)
-
-
-def submit(state: VolunteerCluster, script: str, rows: int, batch_size: int) -> int:
-    data = b"x\n" + b"".join(b"%d\n" % i for i in range(rows))
-    return projects.submit_project(
-        state.store, state.settings, accounts.local_admin(state.store), title=script,
-        script_name=script, script_bytes=fixture_bytes(script), dataset_name="d.csv",
-        dataset_bytes=data, batch_size=batch_size)
-
-
-def run_to_end(state: VolunteerCluster, project_id: int, timeout: float = 240) -> None:
-    """Run the dispatcher until the project ends, syncing the registry as the dispatcher will."""
-    from engine.scheduler import Dispatcher
-
-    deadline = time.monotonic() + timeout
-
-    def ended() -> bool:
-        assert time.monotonic() < deadline, "the project did not end in time"
-        state.sync()
-        with state.store.session() as session:
-            return ProjectStatus(session.get(Project, project_id).status).is_terminal()
-
-    Dispatcher(state.store, state.settings).run(until=ended)
-    state.sync(force=True)
 
 
 def executions_by_node(state: VolunteerCluster, project_id: int,

@@ -57,6 +57,7 @@ class VolunteerCluster:
     store: Store
     nodes: dict[str, VolunteerNode] = field(default_factory=dict)
     node_ids: dict[str, str] = field(default_factory=dict)   # node name -> Ray node id
+    refused: set[str] = field(default_factory=set)           # nodes that must not join
     last_sync: float = 0.0
 
     def sync(self, force: bool = False) -> None:
@@ -104,8 +105,14 @@ def node_temp_dir(ray_node: dict) -> str:
 @contextlib.contextmanager
 def volunteer_cluster(volunteers: tuple[str, ...], *, head_cpus: int | None,
                       pythonpath: dict[str, Path] | None = None,
+                      others: Callable[[dict[str, str]], dict[str, tuple[str, bool]]] | None = None,
                       **settings: object) -> Iterator[VolunteerCluster]:
-    """A head started by the engine and one 1-CPU node per volunteer, joined by command."""
+    """A head started by the engine and one 1-CPU node per volunteer, joined by command.
+
+    ``others``, given the volunteers' join commands by name, names more nodes to start:
+    name -> (command, whether it joins), e.g. a forged signature (joins, unclaimed) or a
+    wrong token (refused).
+    """
     import ray
 
     from engine.cluster import LocalHead
@@ -126,10 +133,14 @@ def volunteer_cluster(volunteers: tuple[str, ...], *, head_cpus: int | None,
     previous_cwd = os.getcwd()
     os.chdir(data_dir)
     try:
-        for name in volunteers:
-            state.nodes[name] = start_node(name, nodes.join_command(store, config, name),
-                                           (pythonpath or {}).get(name))
-        _connect_and_wait(state, expected=len(volunteers) + 1)
+        commands = {name: nodes.join_command(store, config, name) for name in volunteers}
+        for name, command in commands.items():
+            state.nodes[name] = start_node(name, command, (pythonpath or {}).get(name))
+        for name, (command, joins) in (others(commands) if others else {}).items():
+            state.nodes[name] = start_node(name, command)
+            if not joins:
+                state.refused.add(name)
+        _connect_and_wait(state, expected=len(state.nodes) - len(state.refused) + 1)
         yield state
     finally:
         for node in state.nodes.values():
@@ -168,7 +179,8 @@ def _wait_for_nodes(state: VolunteerCluster, expected: int) -> None:
         if len(alive) >= expected:
             break
         for name, node in state.nodes.items():
-            assert node.process.poll() is None, f"{name}'s node exited:\n{node.output()[-3000:]}"
+            assert name in state.refused or node.process.poll() is None, \
+                f"{name}'s node exited:\n{node.output()[-3000:]}"
         assert time.monotonic() < deadline, f"only {len(alive)} of {expected} nodes joined"
         time.sleep(0.5)
     # Tell the nodes apart by their temp dirs (every node here has the same address).
@@ -179,7 +191,7 @@ def _wait_for_nodes(state: VolunteerCluster, expected: int) -> None:
                 state.node_ids[name] = n["NodeID"]
     state.node_ids["head"] = next(n["NodeID"] for n in alive
                                   if n["Labels"].get(nodes.ROLE_LABEL) == "head")
-    assert set(state.node_ids) == {"head", *state.nodes}, state.node_ids
+    assert set(state.node_ids) == {"head", *state.nodes} - state.refused, state.node_ids
     state.sync(force=True)
 
 
