@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -79,6 +80,24 @@ def nav_link(page, label: str):
     return page.locator('[data-testid="stSidebarNav"]').get_by_role("link", name=label)
 
 
+def settled(page, quiet_seconds: float = 1.0) -> None:
+    """Wait until the app's script has stopped running and stays stopped a moment.
+
+    A click that lands while a rerun is under way can be lost: after signing in, the cookie
+    component's own rerun can follow the first run by a second or so on a loaded machine
+    (CI lost a "Continue" click that way), and a rerun also invalidates a deferred
+    download's id. Streamlit marks the app element with the script's state.
+    """
+    idle = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+    deadline = time.monotonic() + 60
+    while True:
+        page.wait_for_selector(idle, timeout=60_000)
+        time.sleep(quiet_seconds)
+        if page.locator(idle).count():
+            return
+        assert time.monotonic() < deadline, "the app never settled"
+
+
 def test_a_researcher_registers_submits_watches_and_downloads(page, stack, tmp_path):
     from playwright.sync_api import expect
 
@@ -102,6 +121,7 @@ def test_a_researcher_registers_submits_watches_and_downloads(page, stack, tmp_p
     shot(page, "02-sign-in")
     main.get_by_role("button", name="Sign in").click()
     expect(main.get_by_text("Welcome, rita.")).to_be_visible()
+    settled(page)
     main.get_by_role("button", name="Continue").click()
     expect(main.get_by_text("No projects yet: submit one.")).to_be_visible()
     # A reload is a new session: the sign-in cookie keeps rita signed in.
@@ -139,6 +159,7 @@ def test_a_researcher_registers_submits_watches_and_downloads(page, stack, tmp_p
     expect(main.get_by_role("heading", name="Results", level=1)).to_be_visible()
     expect(main.locator('[data-testid="stDataFrame"]')).to_be_visible()
     shot(page, "07-results")
+    settled(page)
     try:
         with page.expect_download() as download_info:
             main.get_by_role("button", name="Download CSV").click()
@@ -195,6 +216,8 @@ def test_a_disabled_users_cookie_no_longer_signs_them_in(page, stack):
     field(main, "User name").fill("dora")
     field(main, "Password").fill("a long password")
     main.get_by_role("button", name="Sign in").click()
+    expect(main.get_by_text("Welcome, dora.")).to_be_visible()
+    settled(page)
     main.get_by_role("button", name="Continue").click()
     expect(main.get_by_role("heading", name="Join cluster", level=1)).to_be_visible()
     page.reload()
