@@ -57,6 +57,7 @@ class SandboxUnavailable(RuntimeError):
 class Outcome:
     """What a batch produced: a result per row, or the script's import-time error."""
 
+    # RowResults, or plain tuples in the same field order from run_rows(plain=True).
     results: list[RowResult] = field(default_factory=list)
     script_error: str | None = None
     script_traceback: str | None = None
