@@ -144,3 +144,12 @@ def run_to_end(store: Store, settings: Settings, project_id: int, timeout: float
 
     Dispatcher(store, settings).run(until=ended)
     return projects.project_status(store, accounts.local_admin(store), project_id)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (``item.rep_call``), for fixtures that
+    gather evidence when the test failed."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

@@ -53,13 +53,18 @@ def browser():
 
 
 @pytest.fixture
-def page(browser):
+def page(browser, request, stack):
     # Streamlit scrolls inside its main container, so a "full page" screenshot holds only
     # the viewport: make the viewport tall instead.
     context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 2000})
     page = context.new_page()
     page.set_default_timeout(30_000)
     yield page
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        # What the browser showed and what the portal logged, for a failure seen only in CI.
+        shot(page, f"failed-{request.node.name}")
+        print(f"--- the portal's log ({stack.log}), last lines:\n{stack.log.read_text()[-4000:]}")
     context.close()
 
 
@@ -160,13 +165,9 @@ def test_a_researcher_registers_submits_watches_and_downloads(page, stack, tmp_p
     expect(main.locator('[data-testid="stDataFrame"]')).to_be_visible()
     shot(page, "07-results")
     settled(page)
-    try:
-        with page.expect_download() as download_info:
-            main.get_by_role("button", name="Download CSV").click()
-        download = download_info.value
-    except Exception as exc:  # the portal's log says why the file never came
-        raise AssertionError(f"no download; the portal's log ends:\n"
-                             f"{stack.log.read_text()[-4000:]}") from exc
+    with page.expect_download() as download_info:
+        main.get_by_role("button", name="Download CSV").click()
+    download = download_info.value
     target = tmp_path / "results.csv"
     download.save_as(str(target))
     downloaded = target.read_text()
