@@ -458,7 +458,7 @@ class Dispatcher:
             self._hold(run, batch)
             return
         payload = pickle.dumps((batch.start, batch.end, batch.rows,
-                                self._parts(run, batch.start, batch.end)),
+                                self._parts(run.project_id, batch.start, batch.end)),
                                protocol=pickle.HIGHEST_PROTOCOL)
         remote = self._remote
         selector = nodes.label_selector(excluded)
@@ -491,11 +491,9 @@ class Dispatcher:
         """Catch in-flight batches that no live node may run (their nodes died or were excluded
         after dispatch): cancel and hold them. When the script cannot be imported on any live
         node, the project fails, as it would had the last node reported it."""
-        import ray
-
         for ref, batch in list(run.inflight.items()):
             if self._alive_nodes and not self._alive_nodes - self._excluded_for(run, batch):
-                ray.cancel(ref, force=False)
+                _stop(ref)
                 del run.inflight[ref]
                 self._hold(run, batch)
         if run.held and run.cannot_import and not (self._alive_nodes - self._excluded_nodes
@@ -508,7 +506,7 @@ class Dispatcher:
             return
         run.held = False
 
-    def _parts(self, run: _Run, start: int, end: int) -> list[tuple[int, str | list]]:
+    def _parts(self, project_id: int, start: int, end: int) -> list[tuple[int, str | list]]:
         """The dataset chunks holding rows [start, end), for ``batch_rows`` on the node.
 
         A chunk inside the range goes as stored; one the range only partly covers is cut
@@ -517,7 +515,7 @@ class Dispatcher:
         with self.store.session() as session:
             chunks = session.execute(
                 select(DatasetChunk.start_row, DatasetChunk.row_count, DatasetChunk.payload)
-                .where(DatasetChunk.project_id == run.project_id,
+                .where(DatasetChunk.project_id == project_id,
                        DatasetChunk.start_row < end,
                        DatasetChunk.start_row + DatasetChunk.row_count > start)
                 .order_by(DatasetChunk.start_row)).all()
@@ -727,7 +725,7 @@ class Dispatcher:
 
 
 def _stop(ref) -> None:
-    """Cancel a running batch, keeping its Ray worker.
+    """Cancel a batch, keeping its Ray worker (one still waiting for a node is just dropped).
 
     ``force=True`` would kill the worker process, and the next batch would wait about a
     second for Ray to start another. Without it the task gets a KeyboardInterrupt, on
