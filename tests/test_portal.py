@@ -133,15 +133,22 @@ def test_role_gating_matrix(portal, who):
         assert not at.file_uploader and not at.dataframe, (who, page)
 
 
-def test_register_then_sign_in(portal):
-    at = open_page(app(), "app_pages/register.py")
-    at.text_input(key="reg_name").input("Cleo")
-    at.text_input(key="reg_email").input("cleo@x.org")
-    at.text_input(key="reg_password").input("a good password")
-    at.text_input(key="reg_repeat").input("a good password")
-    at.radio(key="reg_role").set_value("Both")
+def register(at, name: str, email: str | None = None, password: str = "a good password",
+             role: str | None = None):
+    """Fill the registration form (fields left as None keep what they hold) and submit it."""
+    at.text_input(key="reg_name").input(name)
+    if email is not None:
+        at.text_input(key="reg_email").input(email)
+    at.text_input(key="reg_password").input(password)
+    at.text_input(key="reg_repeat").input(password)
+    if role is not None:
+        at.radio(key="reg_role").set_value(role)
     at.button[0].click()
-    at.run()
+    return at.run()
+
+
+def test_register_then_sign_in(portal):
+    at = register(open_page(app(), "app_pages/register.py"), "Cleo", "cleo@x.org", role="Both")
     assert texts(at, "success") == ["Account cleo created. Sign in to continue."]
     assert accounts.get_user(portal, "cleo").role_set == {"researcher", "volunteer"}
     at = sign_in(open_page(app(), "app_pages/login.py"), "cleo", "a good password")
@@ -149,19 +156,9 @@ def test_register_then_sign_in(portal):
 
 
 def test_registration_errors_come_from_the_engine(portal):
-    at = open_page(app(), "app_pages/register.py")
-    at.text_input(key="reg_name").input("ada")
-    at.text_input(key="reg_email").input("a@x.org")
-    at.text_input(key="reg_password").input("a good password")
-    at.text_input(key="reg_repeat").input("a good password")
-    at.button[0].click()
-    at.run()
+    at = register(open_page(app(), "app_pages/register.py"), "ada", "a@x.org")
     assert any("taken" in e for e in texts(at, "error"))
-    at.text_input(key="reg_name").input("dora")
-    at.text_input(key="reg_password").input("short")
-    at.text_input(key="reg_repeat").input("short")
-    at.button[0].click()
-    at.run()
+    register(at, "dora", password="short")
     assert any("at least 8 characters" in e for e in texts(at, "error"))
     with pytest.raises(Exception):
         accounts.get_user(portal, "dora")
