@@ -139,7 +139,7 @@ def test_trivial_rows_through_several_nodes(on_cluster, ray_cluster, request):
     settings, store = on_cluster
     rows = 100_000
     body = b"x\n" + b"".join(b"%d\n" % i for i in range(rows))
-    seconds, per_node = run(settings, store, W1, body, rows, batch_size=2000)
+    seconds, per_node = run(settings, store, W1, body, rows, batch_size=10_000)
     backend = "postgresql" if settings.db_url else "sqlite"
-    report(f"W1 trivial rows, 2,000-row batches, 4 nodes, {backend}", rows, seconds, per_node)
+    report(f"W1 trivial rows, 10,000-row batches, 4 nodes, {backend}", rows, seconds, per_node)
     assert len(per_node) >= 2, per_node
