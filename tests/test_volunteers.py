@@ -25,8 +25,9 @@ from conftest import ROOT
 from engine import accounts, credit, nodes
 from engine.export import export_results
 from engine.models import Project, Replica, Task
-from volunteer_cluster import (VolunteerCluster, node_temp_dir, run_to_end, submit,
-                              volunteer_cluster, volunteer_env)
+from volunteer_cluster import (VolunteerCluster, assert_clean_node, node_temp_dir, run_to_end,
+                              submit, volunteer_cluster, volunteer_env)
+from volunteer_env import volunteer_python
 
 pytestmark = pytest.mark.slow
 
@@ -84,10 +85,10 @@ def test_nodes_join_with_their_claims(cluster):
     assert all(views[ids[n]].status == "online" and views[ids[n]].cpus == 1.0
                for n in ("alice", "bob", "forger"))
     # The volunteers' shells cannot import the engine: only the job's py_modules bring it.
-    probe = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", "import engine"],
-                           cwd=cluster.nodes["alice"].directory,
-                           env=volunteer_env(),
-                           capture_output=True, text=True)
+    # Their Python is the clean venv a volunteer installs (ray only), started in their home.
+    alice = cluster.nodes["alice"]
+    probe = subprocess.run([str(volunteer_python()), "-c", "import engine"], cwd=alice.home,
+                           env=volunteer_env(alice.home), capture_output=True, text=True)
     assert "No module named 'engine'" in probe.stderr
 
     @ray.remote(num_cpus=1)
@@ -101,6 +102,7 @@ def test_nodes_join_with_their_claims(cluster):
             label_selector={nodes.NODE_ID_LABEL: ids[name]}).remote(), timeout=120)
         assert node_id == ids[name]
         assert "runtime_resources" in path and not path.startswith(str(ROOT)), path
+    assert_clean_node(alice)  # every process of the node, from ray start to its workers
 
 
 def test_label_selector_keeps_work_off_unclaimed_nodes(cluster):

@@ -1,17 +1,21 @@
 """A real multi-node cluster of volunteers on this machine, for the slow tests.
 
 The engine starts the head; each volunteer's machine joins by running the exact text of
-its join command (``engine.nodes.join_command``) in its own session, from an empty
-working directory, with an environment that does not hold the repository: the workers
-there get the ``engine`` package only because the dispatcher ships it with the job. A
-node may be given a ``PYTHONPATH`` of its own (a dishonest volunteer's modified Python
-environment, see ``tests/fixtures/cheater``). Every process is stopped by process group.
+its join command (``engine.nodes.join_command``) in its own session, as a volunteer's
+machine would: the ``ray`` of a clean venv that holds only the pinned Ray
+(``volunteer_env.volunteer_python``), a home directory of its own outside /tmp as the
+working directory, and a minimal environment with no path into the repository. The
+workers there get the ``engine`` package only because the dispatcher ships it with the
+job. A node may have extra modules of its own (a dishonest volunteer's modified Python
+environment, see ``tests/fixtures/cheater``): they are copied into its home and put on its
+``PYTHONPATH``. Every process is stopped by process group.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -27,6 +31,11 @@ from engine.models import Project
 from engine.settings import Settings
 from engine.status import ProjectStatus
 from engine.store import Store
+from volunteer_env import copy_into_home, node_environ, volunteer_env, volunteer_home
+
+__all__ = ["VolunteerCluster", "VolunteerNode", "add_volunteer", "assert_clean_node", "ended",
+           "node_temp_dir", "plain_join_command", "run_to_end", "run_until", "start_node",
+           "submit", "volunteer_cluster", "volunteer_env"]
 
 JOIN_SECONDS = 120
 SYNC_SECONDS = 2.0
@@ -35,20 +44,51 @@ SYNC_SECONDS = 2.0
 @dataclass
 class VolunteerNode:
     name: str
-    directory: Path
+    directory: Path   # short, under /tmp: Ray's --temp-dir (its socket paths must be short)
+    home: Path        # the volunteer's $HOME and the node's working directory
     process: subprocess.Popen
     log: Path
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def pids(self) -> list[int]:
+        """The node's processes still running: ray start, raylet, agents and workers (the
+        raylet puts its workers in process groups of their own: follow parents instead)."""
+        if self.process.poll() is not None:
+            return []  # its pid may belong to another process by now
+        children: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    # The parent's pid is the 4th field, after the ")" that ends the name.
+                    parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                    children.setdefault(parent, []).append(int(entry.name))
+        found, todo = [], [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo.extend(children.get(pid, []))
+        return found
+
     def stop(self) -> None:
-        """Kill the node's whole process group (ray start, raylet, workers)."""
+        """Kill the node's processes: its whole process group (ray start, raylet, agents),
+        and by PID the workers, which the raylet starts in process groups of their own, and
+        any process left behind by a killed parent whose command line names the temp dir."""
+        pids = self.pids() + [int(pid) for pid in subprocess.run(
+            ["pgrep", "-f", str(self.directory)], capture_output=True, text=True).stdout.split()]
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.process.wait(timeout=30)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+        shutil.rmtree(self.home, ignore_errors=True)
 
 
 @dataclass
@@ -71,31 +111,70 @@ class VolunteerCluster:
         return next((name for name, nid in self.node_ids.items() if nid == node_id), node_id)
 
 
-def volunteer_env(pythonpath: Path | None = None) -> dict[str, str]:
-    """A volunteer's shell: the pinned `ray` on PATH, no repository, no Ray settings.
+def plain_join_command(address: str, token: str) -> str:
+    """What anyone holding the cluster token can run: a node with no volunteer's labels."""
+    return (f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN={shlex.quote(token)} ray start "
+            f"--address={shlex.quote(address)} --disable-usage-stats")
 
-    HOME stays the real one: the sandbox's self-test rejects a HOME under /tmp.
-    ``pythonpath`` is the volunteer's own addition to it, if any.
+
+def start_node(name: str, command: str, pythonpath: Path | None = None, *, cpus: int = 1,
+               venv_bin: Path | None = None, home: Path | None = None) -> VolunteerNode:
+    """Run ``command`` (a join command: ``ENV=... ray start ...``) as a volunteer's machine.
+
+    ``pythonpath`` is the node's own extra modules (a file or a directory, copied into its
+    home). ``venv_bin`` replaces the clean venv on PATH, ``home`` the fresh home directory
+    (for a node whose venv was made in it).
     """
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_", "CONSTELLATION_", "PYTHON", "VIRTUAL_ENV"))}
-    env["PATH"] = f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
-    return env
-
-
-def start_node(name: str, command: str, pythonpath: Path | None = None) -> VolunteerNode:
     directory = short_tempdir(f"cv-{name}-")
+    home = home if home is not None else volunteer_home(name)
     log = directory / "node.log"
-    # Several nodes share this machine: each needs its own temp dir and dashboard agent port.
-    full = (f"{command} --num-cpus=1 --temp-dir={directory / 'ray'} "
-            f"--dashboard-agent-listen-port={free_port()} --block")
+    extra = copy_into_home(home, pythonpath) if pythonpath is not None else None
+    env = volunteer_env(home, extra, venv_bin=venv_bin)
+    # Several nodes share this machine: each needs its own temp dir and agent ports.
+    full = (f"{command} --num-cpus={cpus} --temp-dir={directory / 'ray'} "
+            f"--dashboard-agent-listen-port={free_port()} --metrics-export-port={free_port()} "
+            f"--runtime-env-agent-port={free_port()} --block")
     with open(log, "wb") as out:
-        process = subprocess.Popen(["bash", "-c", full], cwd=directory,
-                                   env=volunteer_env(pythonpath), stdin=subprocess.DEVNULL,
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    return VolunteerNode(name, directory, process, log)
+        process = subprocess.Popen(["/bin/bash", "-c", full], cwd=home, env=env,
+                                   stdin=subprocess.DEVNULL, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    return VolunteerNode(name, directory, home, process, log)
+
+
+def assert_clean_node(node: VolunteerNode) -> None:
+    """Every process of ``node`` runs in the volunteer's environment: nothing in its
+    environment, command line or working directory names the repository, HOME is the
+    volunteer's, PATH the volunteer's, and PYTHONPATH (Ray's, and the node's own extra
+    modules) stays inside the node's home and temp dir.
+
+    Ray's agents retitle themselves (``ray::DashboardAgent``) over the memory that
+    /proc/<pid>/environ shows, so only what is left of theirs can be read (a variable, when
+    readable, must still be right); ray start, the raylet and the workers (SPT_NOENV) keep
+    theirs whole.
+    """
+    expected_path = volunteer_env(node.home)["PATH"]
+    whole = 0
+    for pid in node.pids():
+        try:
+            environ = node_environ(pid)
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it ended meanwhile
+        where = f"{node.name}'s process {pid} ({cmdline.strip()[:160]})"
+        leaked = {k: v for k, v in environ.items() if str(ROOT) in v}
+        assert not leaked, f"{where} has the repository in its environment: {leaked}"
+        assert str(ROOT) not in cmdline, f"{where} names the repository"
+        assert not cwd.startswith(str(ROOT)), f"{where} works in {cwd}"
+        assert "VIRTUAL_ENV" not in environ, where
+        assert not [k for k in environ if k.startswith("CONSTELLATION_")], where
+        for entry in filter(None, environ.get("PYTHONPATH", "").split(":")):
+            assert entry.startswith((f"{node.home}/", f"{node.directory}/")), \
+                f"{where}: PYTHONPATH has {entry}"
+        for key, value in (("PATH", expected_path), ("HOME", str(node.home))):
+            assert environ.get(key, value) == value, f"{where}: {key}={environ[key]}"
+        whole += "PATH" in environ and "HOME" in environ
+    assert whole, f"no process of {node.name}'s node could be checked"
 
 
 def node_temp_dir(ray_node: dict) -> str:
@@ -149,7 +228,7 @@ def volunteer_cluster(volunteers: tuple[str, ...], *, head_cpus: int | None,
         os.chdir(previous_cwd)
         head.stop(grace=2)
         for node in state.nodes.values():
-            shutil.rmtree(node.directory, ignore_errors=True)
+            node.remove()
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
@@ -192,6 +271,9 @@ def _wait_for_nodes(state: VolunteerCluster, expected: int) -> None:
     state.node_ids["head"] = next(n["NodeID"] for n in alive
                                   if n["Labels"].get(nodes.ROLE_LABEL) == "head")
     assert set(state.node_ids) == {"head", *state.nodes} - state.refused, state.node_ids
+    for name, node in state.nodes.items():
+        if name not in state.refused and node.process.poll() is None:
+            assert_clean_node(node)
     state.sync(force=True)
 
 
