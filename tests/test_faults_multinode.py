@@ -1,15 +1,17 @@
 """Faults that need a second node: a raylet killed mid-batch, a node missing a package.
 
-Worker nodes are real ``ray start`` processes joined to the session's head, each with its
-own temp dir and ports, stopped by process group.
+Worker nodes are real ``ray start`` processes joined to the session's head with the
+cluster token, each with its own temp dir and ports, run as a volunteer's machine is: the
+clean volunteer venv (the pinned Ray only), a minimal environment and a home of its own
+outside /tmp (``tests/volunteer_env.py``). They are stopped by process group and PID.
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -17,40 +19,45 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from conftest import (SESSION_TOKEN, free_port, project_ended as ended, run_to_end,
-                      short_tempdir, submit_numbers as submit)
+from conftest import (project_ended as ended, run_to_end, short_tempdir,
+                      submit_numbers as submit)
 from engine import accounts, cluster, projects
 from engine.models import NodeScriptFailure, Task
 from engine.scheduler import Dispatcher
+from volunteer_cluster import assert_clean_node, plain_join_command, start_node
+from volunteer_env import volunteer_home, volunteer_python
 
 pytestmark = pytest.mark.slow
 
 
 class WorkerNode:
-    def __init__(self, settings, cpus: int, python: str = sys.executable):
-        self.temp_dir = short_tempdir("crn-")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTHONPATH"))}
-        env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": SESSION_TOKEN})
-        argv = [python, "-m", "ray.scripts.scripts", "start",
-                f"--address={cluster.head_address(settings)}", "--block",
-                f"--num-cpus={cpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-                f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-                f"--runtime-env-agent-port={free_port()}"]
-        self.process = subprocess.Popen(argv, env=env, cwd=self.temp_dir, start_new_session=True,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.node_id = self._wait_until_joined()
+    """A plain node (no volunteer's labels): ``ray start`` with the cluster token."""
+
+    def __init__(self, settings, cpus: int, *, venv_bin: Path | None = None,
+                 home: Path | None = None):
+        token = cluster.cluster_token(settings)
+        command = plain_join_command(cluster.head_address(settings), token)
+        self.node = start_node("plain", command, cpus=cpus, venv_bin=venv_bin, home=home)
+        self.temp_dir = self.node.directory
+        try:
+            self.node_id = self._wait_until_joined()
+            assert_clean_node(self.node)
+        except BaseException:
+            self.stop()
+            raise
 
     def _wait_until_joined(self) -> str:
         import ray
 
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             for node in ray.nodes():
                 if node["Alive"] and str(self.temp_dir) in node.get("ObjectStoreSocketName", ""):
                     return node["NodeID"]
-            assert self.process.poll() is None, "the worker node exited while joining"
+            assert self.node.process.poll() is None, \
+                f"the worker node exited while joining:\n{self.node.output()[-3000:]}"
             time.sleep(0.3)
-        raise AssertionError("the worker node did not join")
+        raise AssertionError(f"the worker node did not join:\n{self.node.output()[-3000:]}")
 
     def raylet_pid(self) -> int:
         found = subprocess.run(["pgrep", "-f", f"raylet.*{self.temp_dir}"], capture_output=True,
@@ -58,14 +65,8 @@ class WorkerNode:
         return int(found[0])
 
     def stop(self) -> None:
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait()
-        leftovers = subprocess.run(["pgrep", "-f", str(self.temp_dir)], capture_output=True, text=True)
-        for pid in leftovers.stdout.split():
-            os.kill(int(pid), signal.SIGKILL)
+        self.node.stop()
+        self.node.remove()
 
 
 def node_of_rows(store, pid):
@@ -75,10 +76,26 @@ def node_of_rows(store, pid):
 
 @pytest.fixture
 def open_settings(cluster_settings):
+    """The session's head, with a driver connected from outside the repository.
+
+    Ray puts the driver's working directory on every worker's sys.path, on every node. The
+    nodes here share the driver's disk, so from the repository their workers would import
+    the engine from there instead of the package the job ships.
+    """
+    import ray
+
     # These nodes are plain `ray start` nodes without a volunteer's signature.
     settings = cluster_settings.replace(allow_unclaimed_nodes=True)
-    cluster.connect(settings)
-    return settings
+    ray.shutdown()  # this process may be connected from the repository already
+    previous_cwd, driver_dir = os.getcwd(), short_tempdir("crn-driver-")
+    os.chdir(driver_dir)
+    try:
+        cluster.connect(settings)
+        yield settings
+    finally:
+        ray.shutdown()
+        os.chdir(previous_cwd)
+        shutil.rmtree(driver_dir, ignore_errors=True)
 
 
 def test_node_killed_mid_batch_loses_nothing(store, open_settings):
@@ -104,22 +121,38 @@ def test_node_killed_mid_batch_loses_nothing(store, open_settings):
     assert any(n != node.node_id for n in rows.values())  # the rest finished elsewhere
 
 
-def _venv_with_extra_module(module_source: str) -> Path:
-    """A second Python environment: this venv's packages plus one module only it has."""
-    # Outside /tmp, which the sandbox replaces with an empty one.
-    root = Path(tempfile.mkdtemp(prefix="crv-", dir="/var/tmp"))
-    root.chmod(0o755)  # research code runs as an unprivileged user: packages must be readable
-    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(root)], check=True)
-    site = Path(sysconfig.get_path("purelib", vars={"base": str(root), "platbase": str(root)}))
-    site.mkdir(parents=True, exist_ok=True)
-    (site / "shared_packages.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    (site / "only_on_some_nodes.py").write_text(module_source)
-    return root / "bin" / "python"
+def _site_packages(venv: Path) -> Path:
+    return Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
+
+
+def _venv_with_extra_module(module_name: str, module_source: str) -> tuple[Path, Path]:
+    """A volunteer's home and venv: the clean volunteer venv plus one module only it has.
+
+    The module must be in the venv itself, not on PYTHONPATH: research code imports it in
+    the sandboxed child, which runs ``python -I`` (no PYTHONPATH) with ``$HOME`` masked, and
+    sees only the system and the node's Python installation. So the node's venv is a new
+    one in the volunteer's home (made with the base interpreter), whose site-packages
+    holds the module and a .pth line to the clean venv's packages (Ray and its
+    dependencies); the shared clean venv itself stays untouched. Returns (home, bin).
+    """
+    home = volunteer_home("extra")
+    venv = home / "venv"
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   cwd=home, env={"PATH": "/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"})
+    site = _site_packages(venv)
+    (site / "volunteer_ray.pth").write_text(f"{_site_packages(volunteer_python().parent.parent)}\n")
+    (site / f"{module_name}.py").write_text(module_source)
+    # The `ray` command pip would have written into this venv.
+    ray_command = venv / "bin" / "ray"
+    ray_command.write_text(f"#!{venv}/bin/python\nimport sys\n"
+                           "from ray.scripts.scripts import main\nsys.exit(main())\n")
+    ray_command.chmod(0o755)
+    return home, venv / "bin"
 
 
 def test_script_importing_a_missing_package_runs_where_it_can(store, open_settings):
-    python = _venv_with_extra_module("VALUE = 41\n")
-    node = WorkerNode(open_settings, cpus=1, python=str(python))
+    home, venv_bin = _venv_with_extra_module("only_on_some_nodes", "VALUE = 41\n")
+    node = WorkerNode(open_settings, cpus=1, venv_bin=venv_bin, home=home)
     source = (b"import time\nimport only_on_some_nodes\n\ndef main(row):\n    time.sleep(0.02)\n"
               b"    return row['x'] + only_on_some_nodes.VALUE\n")
     try:

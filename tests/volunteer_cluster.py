@@ -48,6 +48,7 @@ class VolunteerNode:
     home: Path        # the volunteer's $HOME and the node's working directory
     process: subprocess.Popen
     log: Path
+    env: dict[str, str]   # the environment it was started with
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -138,7 +139,7 @@ def start_node(name: str, command: str, pythonpath: Path | None = None, *, cpus:
         process = subprocess.Popen(["/bin/bash", "-c", full], cwd=home, env=env,
                                    stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-    return VolunteerNode(name, directory, home, process, log)
+    return VolunteerNode(name, directory, home, process, log, env)
 
 
 def assert_clean_node(node: VolunteerNode) -> None:
@@ -152,7 +153,6 @@ def assert_clean_node(node: VolunteerNode) -> None:
     readable, must still be right); ray start, the raylet and the workers (SPT_NOENV) keep
     theirs whole.
     """
-    expected_path = volunteer_env(node.home)["PATH"]
     whole = 0
     for pid in node.pids():
         try:
@@ -171,7 +171,7 @@ def assert_clean_node(node: VolunteerNode) -> None:
         for entry in filter(None, environ.get("PYTHONPATH", "").split(":")):
             assert entry.startswith((f"{node.home}/", f"{node.directory}/")), \
                 f"{where}: PYTHONPATH has {entry}"
-        for key, value in (("PATH", expected_path), ("HOME", str(node.home))):
+        for key, value in (("PATH", node.env["PATH"]), ("HOME", str(node.home))):
             assert environ.get(key, value) == value, f"{where}: {key}={environ[key]}"
         whole += "PATH" in environ and "HOME" in environ
     assert whole, f"no process of {node.name}'s node could be checked"
