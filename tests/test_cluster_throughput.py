@@ -1,5 +1,12 @@
-"""The multi-node path's throughput: projects over a ``ray.cluster_utils.Cluster`` of a head
-and three worker nodes on this machine, through the real dispatcher and sandbox.
+"""The multi-node path's throughput: projects over a head and three worker nodes on this
+machine, through the real dispatcher and sandbox.
+
+The engine starts the head (``LocalHead``, as ``make run`` does); each worker is a real
+``ray start`` node joined with the cluster token, run as a volunteer's machine is: the
+clean volunteer venv (the pinned Ray only), a minimal environment and a home of its own
+(``tests/volunteer_env.py``). Not ``ray.cluster_utils.Cluster``: its nodes run from the
+project's environment, and it writes /tmp/ray/ray_current_cluster whatever its temp dir,
+which fails on a machine that never ran Ray.
 
 The nodes share this machine's two cores, so the figures measure the path (dispatch to
 several raylets, results from each, the store), not a speed-up. They are written to
@@ -17,16 +24,18 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from conftest import ROOT, free_port, short_tempdir, write_token
+from conftest import ROOT, SESSION_TOKEN, free_port, short_tempdir, write_token
 from engine import accounts, projects
 from engine.models import Project, Task
 from engine.settings import Settings
 from engine.status import ProjectStatus
 from engine.store import Store
+from volunteer_cluster import assert_clean_node, plain_join_command, start_node
 
 pytestmark = pytest.mark.slow
 
 WORKERS = 3
+JOIN_SECONDS = 120
 ARTIFACT = ROOT / "test-artifacts" / "scaling" / "cluster_throughput.json"
 W1 = (ROOT / "bench" / "workloads" / "w1_square.py").read_bytes()
 W2 = (ROOT / "bench" / "workloads" / "w2_cpu.py").read_bytes()
@@ -37,23 +46,45 @@ measured: dict[str, dict] = {}
 
 @pytest.fixture(scope="module")
 def ray_cluster():
+    """The head's address: a 1-CPU head and WORKERS 1-CPU worker nodes, all joined."""
     import ray
-    from ray.cluster_utils import Cluster
+
+    from engine import cluster
 
     ray.shutdown()  # this process may be connected to the session's shared head
-    temp_dir = short_tempdir("cct-")
-    nodes = {"temp_dir": str(temp_dir), "num_cpus": 1, "include_dashboard": False}
-    cluster = Cluster(initialize_head=True, head_node_args=nodes)
+    head_dir = short_tempdir("cct-")
+    write_token(head_dir)  # Ray in this process read the session's token at import
+    head_settings = Settings(data_dir=str(head_dir), ray_port=free_port(), ray_num_cpus=1)
+    head = cluster.LocalHead(head_settings)
+    address = cluster.head_address(head_settings)
+    workers = []
+    # Ray puts the driver's working directory on every worker's sys.path: from the
+    # repository, the nodes on this disk would import the engine from there.
+    previous_cwd = os.getcwd()
+    os.chdir(head_dir)
     try:
-        for _ in range(WORKERS):
-            cluster.add_node(**{k: v for k, v in nodes.items() if k != "include_dashboard"},
-                             dashboard_agent_listen_port=free_port())
-        cluster.wait_for_nodes()
-        yield cluster
+        command = plain_join_command(address, SESSION_TOKEN)
+        workers = [start_node(f"worker{i}", command, cpus=1) for i in range(WORKERS)]
+        cluster.connect(head_settings.replace(ray_address=address))
+        deadline = time.monotonic() + JOIN_SECONDS
+        while len([n for n in ray.nodes() if n["Alive"]]) < WORKERS + 1:
+            for worker in workers:
+                assert worker.process.poll() is None, \
+                    f"{worker.name} exited:\n{worker.output()[-3000:]}"
+            assert time.monotonic() < deadline, f"the worker nodes did not join in {JOIN_SECONDS} s"
+            time.sleep(0.5)
+        for worker in workers:
+            assert_clean_node(worker)
+        yield address
     finally:
+        for worker in workers:
+            worker.stop()
         ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        os.chdir(previous_cwd)
+        head.stop(grace=2)
+        for worker in workers:
+            worker.remove()
+        shutil.rmtree(head_dir, ignore_errors=True)
         if measured:
             ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
             ARTIFACT.write_text(json.dumps(measured, indent=2))
@@ -66,8 +97,8 @@ def on_cluster(ray_cluster, data_dir, request):
     db_url = ""
     if backend == "postgresql":
         db_url = request.getfixturevalue("postgres_server").create_database()
-    # Plain Cluster nodes carry no volunteer's signature: let unclaimed nodes work.
-    settings = Settings(data_dir=str(data_dir), ray_address=ray_cluster.address, db_url=db_url,
+    # Plain nodes carry no volunteer's signature: let unclaimed nodes work.
+    settings = Settings(data_dir=str(data_dir), ray_address=ray_cluster, db_url=db_url,
                         allow_unclaimed_nodes=True, replication=1, row_timeout=30.0,
                         ray_port=free_port())
     store = Store(settings)
