@@ -4,6 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from engine import Role, accounts, cancel_project, list_projects, nodes, verification
+from engine.status import NodeHealth
 from portal import auth, errors, state, widgets
 
 user = auth.require(Role.ADMIN)
@@ -50,10 +51,26 @@ with nodes_tab:
     if not registry:
         st.info("No node has joined yet.", icon=":material/inbox:")
     else:
+        for n in registry:
+            if n.status == "online" and n.health == NodeHealth.QUARANTINED:
+                widgets.node_health(n)
         st.dataframe(pd.DataFrame([{
             "node": n.node_id, "owner": n.attribution, "status": n.status, "host": n.hostname,
+            "health": n.health, "why": n.health_reason, "trusted": n.trusted,
             "CPUs": n.cpus, "sandbox": n.sandbox, "tasks": n.tasks_completed,
             "last seen": n.last_seen} for n in registry]), hide_index=True)
+        volunteers_nodes = [n for n in registry if n.attribution not in ("head", "unclaimed")]
+        if volunteers_nodes:
+            with st.form("trust_node"):
+                chosen = st.selectbox(
+                    "Trust a node: one of your own machines, whose results need no replication "
+                    "(they earn no credit)", volunteers_nodes, key="trust_choice",
+                    format_func=lambda n: f"{n.attribution} on {n.hostname} ({n.node_id[:12]})"
+                                          + (" - trusted" if n.trusted else ""))
+                if st.form_submit_button("Trust / stop trusting", icon=":material/verified_user:"):
+                    with errors.shown():
+                        nodes.set_trusted(store, chosen.node_id, not chosen.trusted, actor=user)
+                    st.rerun()
 
 with trust_tab:
     st.caption(f"A volunteer whose last {verification.TRUST_STREAK} results for a script all agreed "

@@ -39,8 +39,11 @@ def _my_machines() -> None:
         if not mine:
             st.info("No machine of yours has joined yet.", icon=":material/inbox:")
             return
+        for n in mine:
+            if n.status == "online":
+                widgets.node_health(n)
         st.dataframe(pd.DataFrame([{"node": n.node_id[:12], "host": n.hostname, "status": n.status,
-                                    "CPUs": n.cpus, "sandbox": n.sandbox,
+                                    "health": n.health, "CPUs": n.cpus, "sandbox": n.sandbox,
                                     "tasks": n.tasks_completed, "last active": n.last_activity}
                                    for n in mine]), hide_index=True)
 

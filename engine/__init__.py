@@ -1,25 +1,45 @@
 """Constellation's engine: a library that runs ``main(row)`` over datasets on Ray.
 
-It never imports Streamlit; the portal and the CLI are its clients. The public API:
+It never imports Streamlit; the portal and the CLI are its clients. ``engine.node`` is
+the part that runs on volunteers' machines, standard library and Ray only; so that it
+can be imported there, importing ``engine`` itself imports nothing, and the public API
+below is loaded on first use.
 """
 
-from engine.accounts import Role, local_admin
-from engine.errors import (ClusterUnavailable, ConstellationError, Forbidden, InvalidDataset,
-                           InvalidRequest, InvalidScript, NotFound)
-from engine.export import export_results
-from engine.projects import (ProjectStatusView, cancel_project, check_upload, list_projects,
-                             project_status, rerun_failed_rows, rows_per_node,
-                             submit_project)
-from engine.settings import SETTINGS, Settings
-from engine.status import ProjectStatus, TaskStatus
-from engine.store import Store
-# Modules that declare tables must be imported before a Store creates the schema.
-from engine import credit, nodes, verification  # noqa: E402,F401  (isort: skip)
+from __future__ import annotations
 
-__all__ = [
-    "ClusterUnavailable", "ConstellationError", "Forbidden", "InvalidDataset", "InvalidRequest",
-    "InvalidScript", "NotFound", "ProjectStatus", "ProjectStatusView", "Role", "SETTINGS",
-    "Settings", "Store", "TaskStatus", "cancel_project", "check_upload", "export_results",
-    "list_projects", "local_admin", "project_status", "rerun_failed_rows", "rows_per_node",
-    "submit_project",
-]
+import importlib
+from typing import Any
+
+# name -> the module that defines it
+_PUBLIC = {
+    "Role": "engine.accounts", "local_admin": "engine.accounts",
+    "ClusterUnavailable": "engine.errors", "ConstellationError": "engine.errors",
+    "Forbidden": "engine.errors", "InvalidDataset": "engine.errors",
+    "InvalidRequest": "engine.errors", "InvalidScript": "engine.errors",
+    "NotFound": "engine.errors",
+    "export_results": "engine.export",
+    "ProjectStatusView": "engine.projects", "cancel_project": "engine.projects",
+    "check_upload": "engine.projects", "list_projects": "engine.projects",
+    "project_status": "engine.projects", "rerun_failed_rows": "engine.projects",
+    "rows_per_node": "engine.projects", "submit_project": "engine.projects",
+    "SETTINGS": "engine.settings", "Settings": "engine.settings",
+    "ProjectStatus": "engine.status", "TaskStatus": "engine.status",
+    "Store": "engine.store",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    # ``from engine import nodes`` and the like: submodules import as usual.
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

@@ -16,12 +16,11 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 import bcrypt
-from sqlalchemy import Float, Integer, String, delete, select
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import delete, select
 
 from engine.keys import data_secret
 from engine.errors import Forbidden, InvalidRequest, NotFound
-from engine.models import Base, Project, User
+from engine.models import LoginFailures, Project, User
 from engine.settings import Settings
 from engine.store import Store
 
@@ -46,16 +45,6 @@ class Role(str, enum.Enum):
 
 
 SELF_SERVICE_ROLES = frozenset({Role.RESEARCHER, Role.VOLUNTEER})
-
-
-class LoginFailures(Base):
-    """Recent failed sign-ins of one user name (a row exists only while there are some)."""
-
-    __tablename__ = "login_failures"
-
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    failures: Mapped[int] = mapped_column(Integer, default=0)
-    window_started: Mapped[float] = mapped_column(Float)
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     rotate.add_argument("volunteer")
     node_list = commands.add_parser("nodes", help="the node registry")
     node_list.add_argument("--json", action="store_true")
+    trust = commands.add_parser(
+        "trust-node", help="mark NODE (an id, or its first 12 characters) as one of the "
+                           "operator's own machines: its results are accepted without replication")
+    trust.add_argument("node")
+    trust.add_argument("--undo", action="store_true", help="no longer trust it")
     board = commands.add_parser("leaderboard", help="volunteers ranked by credit")
     board.add_argument("--window", choices=["24h", "7d", "all"], default="all")
     board.add_argument("--json", action="store_true")
@@ -281,8 +286,18 @@ def _nodes(args, settings: Settings) -> int:
         print(json.dumps([v.to_dict() for v in views]))
     else:
         for v in views:
+            health = v.health + (f" ({v.health_reason})" if v.health_reason else "")
             print(f"{v.node_id[:12]}\t{v.status}\t{v.attribution}\t{v.cpus:g} CPUs\t"
-                  f"{v.tasks_completed} tasks\t{v.host}")
+                  f"{v.tasks_completed} tasks\t{v.host}\t{health}"
+                  + ("\ttrusted" if v.trusted else ""))
+    return 0
+
+
+def _trust_node(args, settings: Settings) -> int:
+    from engine import nodes
+
+    nodes.set_trusted(Store(settings), args.node, not args.undo)
+    print(f"node {args.node}: {'no longer trusted' if args.undo else 'trusted'}")
     return 0
 
 
@@ -332,5 +347,5 @@ def _serve(args, settings: Settings) -> int:
 _COMMANDS = {"submit": _submit, "status": _status, "results": _results, "cancel": _cancel,
              "list": _list, "init": _init, "rerun-failed": _rerun_failed, "backup": _backup,
              "user": _user,
-             "join-command": _join_command, "rotate-signature": _rotate_signature, "nodes": _nodes, "leaderboard": _leaderboard,
+             "join-command": _join_command, "rotate-signature": _rotate_signature, "nodes": _nodes, "trust-node": _trust_node, "leaderboard": _leaderboard,
              "dispatcher": _dispatcher, "serve": _serve}

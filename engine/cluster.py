@@ -140,15 +140,21 @@ def connect(settings: Settings) -> None:
             "RAY_AUTH_TOKEN (or call engine.cluster.connect) before importing ray")
     os.environ.update(env)
     import ray
+    import ray.cloudpickle
 
     import engine
+    from engine.node import entry
 
+    # The functions a node runs travel by value, so that a node which cannot import the
+    # engine still runs them and says why (see engine.node.entry).
+    ray.cloudpickle.register_pickle_by_value(entry)
     if ray.is_initialized():
         return
     try:
         ray.init(
             address=head_address(settings),
-            # Volunteer nodes do not have the engine installed: ship the package with the job.
+            # Volunteer nodes do not have the engine installed: ship the package with the
+            # job. Only engine.node is ever imported there (stdlib and Ray only).
             runtime_env={"py_modules": [str(Path(engine.__file__).parent)]},
             logging_level=logging.WARNING,
             log_to_driver=False,

@@ -27,11 +27,10 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import Float, Index, Integer, String, delete, func, insert, select, text
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import delete, func, insert, select, text
 
 from engine.errors import InvalidRequest
-from engine.models import Base, Project
+from engine.models import CreditRollup, Project, ProjectCredit
 from engine.nodes import HEAD
 from engine.status import ProjectStatus
 from engine.store import Store
@@ -46,8 +45,9 @@ CREDIT_RULE = (
     "run). Each volunteer whose result agreed earns. A faster machine finishes more rows "
     "per hour and so earns more per hour; a machine cannot earn more by being slow or by "
     "reporting longer times, because its own times are only a few of the many that make "
-    "the median. Unverified results, the head's own work and unclaimed machines (whose "
-    "signature does not verify) earn nothing. Windows count whole hours: 24 h is the "
+    "the median. Unverified results, the work of the head and of the operator's trusted "
+    "machines, and unclaimed machines (whose signature does not verify) earn nothing. "
+    "Windows count whole hours: 24 h is the "
     "current hour and the 24 before it."
 )
 
@@ -55,38 +55,6 @@ WINDOWS = {"24h": 24, "7d": 7 * 24, "all": None}
 
 _MIN_REFRESH_SECONDS = 2.0
 _REFRESH_COST_FACTOR = 20.0
-
-
-class CreditRollup(Base):
-    """Per project, node and hour: what the node completed and what it earns for."""
-
-    __tablename__ = "credit_rollup"
-    __table_args__ = (
-        Index("ix_credit_rollup_hour", "hour", "node_id", "project_id", "accepted"),
-        Index("ix_credit_rollup_node", "node_id", "completed", "last_finished"),
-        {"sqlite_with_rowid": False},
-    )
-
-    project_id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    hour: Mapped[int] = mapped_column(Integer, primary_key=True)   # UNIX time // 3600
-    completed: Mapped[int] = mapped_column(Integer)      # every stored task, whatever its status
-    accepted: Mapped[int] = mapped_column(Integer)       # accepted, and not after a revocation
-    cpu_seconds: Mapped[float] = mapped_column(Float)    # measured CPU time of the accepted ones
-    last_finished: Mapped[float] = mapped_column(Float)
-
-
-class ProjectCredit(Base):
-    """A project's median CPU seconds per accepted task, and the counters it was summed at."""
-
-    __tablename__ = "credit_projects"
-
-    project_id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    median_cpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
-    accepted: Mapped[int] = mapped_column(Integer, default=0)
-    snapshot: Mapped[str] = mapped_column(String(80), default="")
-    refreshed_at: Mapped[float] = mapped_column(Float, default=0.0)
-    refresh_seconds: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 # The results that earn: verified ones. A replicated project's executions are its
@@ -216,6 +184,7 @@ _LEADERBOARD = text(f"""
     JOIN nodes AS n ON n.node_id = r.node_id
     JOIN credit_projects AS c ON c.project_id = r.project_id
     WHERE r.hour >= :since AND r.accepted > 0 AND n.volunteer IS NOT NULL AND n.role != '{HEAD}'
+      AND n.trusted IS NOT TRUE
     GROUP BY n.volunteer
 """)
 

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2.0 typed models: the store's schema.
+"""SQLAlchemy 2.0 typed models: the store's schema, every table of it.
 
 Times are UNIX seconds (REAL): cheap to write a million of, and time-zone free.
 Schema changes bump ``SCHEMA_VERSION`` (kept in the ``meta`` table), and
@@ -10,7 +10,7 @@ from __future__ import annotations
 from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class Base(DeclarativeBase):
@@ -75,6 +75,7 @@ class Project(Base):
     tolerance: Mapped[float] = mapped_column(Float, default=1e-9)
     rows_verified: Mapped[int] = mapped_column(Integer, default=0)
     rows_inconclusive: Mapped[int] = mapped_column(Integer, default=0)
+    rows_trusted: Mapped[int] = mapped_column(Integer, default=0)  # accepted from a trusted node alone
     executions: Mapped[int] = mapped_column(Integer, default=0)
     # What the dispatcher wants the researcher to know, e.g. "waiting for 1 more volunteer".
     notice: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -199,3 +200,106 @@ class DispatcherLease(Base):
     cluster_status: Mapped[str] = mapped_column(String(16), default="starting")
     cluster_message: Mapped[str] = mapped_column(Text, default="")
     cluster_cpus: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class LoginFailures(Base):
+    """Recent failed sign-ins of one user name (a row exists only while there are some)."""
+
+    __tablename__ = "login_failures"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    window_started: Mapped[float] = mapped_column(Float)
+
+
+class Node(Base):
+    """One Ray node the cluster has seen: the head, a volunteer's machine, or an unclaimed one."""
+
+    __tablename__ = "nodes"
+    __table_args__ = (Index("ix_nodes_volunteer", "volunteer"),)
+
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # "head", "volunteer" (labels verify, or verified once before a rotation) or "unclaimed".
+    role: Mapped[str] = mapped_column(String(16), default="unclaimed")
+    # The verified owner. Kept after a rotation, so that earlier tasks keep their credit.
+    volunteer: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Whether the signature verifies now; false for the head and unclaimed nodes.
+    claimed: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The name the labels claim, verified or not (shown to admins).
+    label_volunteer: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # When the node's signature stopped verifying (rotation, account disabled): the node
+    # earns nothing for tasks finished after this, and stays unclaimed until it re-joins.
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    host: Mapped[str] = mapped_column(String(255), default="")
+    hostname: Mapped[str] = mapped_column(String(255), default="")
+    cpus: Mapped[float] = mapped_column(Float, default=0.0)
+    memory_bytes: Mapped[float] = mapped_column(Float, default=0.0)
+    python_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    ray_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # What the node's own sandbox self-test said: "available", "unavailable: <reason>",
+    # or "unknown" before the node check ran there.
+    sandbox: Mapped[str] = mapped_column(Text, default="unknown")
+    first_seen: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)
+    online: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Whether the node may get work (engine.status.NodeHealth; changed by engine.health).
+    health: Mapped[str] = mapped_column(String(16), default="checking")
+    health_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)      # in a row, infrastructure only
+    quarantined_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    checked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # An operator's own machine, marked by an admin: its results are accepted as "trusted".
+    trusted: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class VolunteerKey(Base):
+    """A volunteer's signature generation; rotating bumps it and voids older signatures."""
+
+    __tablename__ = "volunteer_keys"
+
+    volunteer: Mapped[str] = mapped_column(String(64), primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    rotated_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Trust(Base):
+    """How many results in a row a volunteer got right for one script."""
+
+    __tablename__ = "volunteer_trust"
+
+    volunteer: Mapped[str] = mapped_column(String(64), primary_key=True)
+    script_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    streak: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class CreditRollup(Base):
+    """Per project, node and hour: what the node completed and what it earns for."""
+
+    __tablename__ = "credit_rollup"
+    __table_args__ = (
+        Index("ix_credit_rollup_hour", "hour", "node_id", "project_id", "accepted"),
+        Index("ix_credit_rollup_node", "node_id", "completed", "last_finished"),
+        {"sqlite_with_rowid": False},
+    )
+
+    project_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hour: Mapped[int] = mapped_column(Integer, primary_key=True)   # UNIX time // 3600
+    completed: Mapped[int] = mapped_column(Integer)      # every stored task, whatever its status
+    accepted: Mapped[int] = mapped_column(Integer)       # accepted, and not after a revocation
+    cpu_seconds: Mapped[float] = mapped_column(Float)    # measured CPU time of the accepted ones
+    last_finished: Mapped[float] = mapped_column(Float)
+
+
+class ProjectCredit(Base):
+    """A project's median CPU seconds per accepted task, and the counters it was summed at."""
+
+    __tablename__ = "credit_projects"
+
+    project_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    median_cpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    accepted: Mapped[int] = mapped_column(Integer, default=0)
+    snapshot: Mapped[str] = mapped_column(String(80), default="")
+    refreshed_at: Mapped[float] = mapped_column(Float, default=0.0)
+    refresh_seconds: Mapped[float] = mapped_column(Float, default=0.0)

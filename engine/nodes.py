@@ -28,14 +28,13 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import Boolean, Text, Float, Index, Integer, String, select, update
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import select, update
 
 from engine import cluster
 from engine.accounts import Role, is_admin, require_role
-from engine.errors import NotFound
+from engine.errors import InvalidRequest, NotFound
 from engine.keys import data_secret
-from engine.models import Base, User
+from engine.models import Node, User, VolunteerKey
 from engine.settings import Settings
 from engine.store import Store
 
@@ -49,6 +48,9 @@ NODE_ID_LABEL = "ray.io/node-id"           # set by Ray on every node
 HEAD = "head"
 VOLUNTEER = "volunteer"
 UNCLAIMED = "unclaimed"
+# Who answers for results of the head and of nodes an admin trusts (the operator's own
+# machines): one party, stored as "head" in the replicas table.
+TRUSTED_PARTY = HEAD
 
 # Ray label values are at most 63 characters, alphanumeric at both ends. 40 hex digits
 # (160 bits) of the HMAC fit beside the generation number.
@@ -56,48 +58,6 @@ _SIGNATURE_HEX = 40
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
 # User names never contain a dot, so "u.<id>" can stand for a name that is not a valid label.
 _USER_ID_LABEL = re.compile(r"u\.(\d+)")
-
-
-class Node(Base):
-    """One Ray node the cluster has seen: the head, a volunteer's machine, or an unclaimed one."""
-
-    __tablename__ = "nodes"
-    __table_args__ = (Index("ix_nodes_volunteer", "volunteer"),)
-
-    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    # "head", "volunteer" (labels verify, or verified once before a rotation) or "unclaimed".
-    role: Mapped[str] = mapped_column(String(16), default=UNCLAIMED)
-    # The verified owner. Kept after a rotation, so that earlier tasks keep their credit.
-    volunteer: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    # Whether the signature verifies now; false for the head and unclaimed nodes.
-    claimed: Mapped[bool] = mapped_column(Boolean, default=False)
-    # The name the labels claim, verified or not (shown to admins).
-    label_volunteer: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    # When the node's signature stopped verifying (rotation, account disabled): the node
-    # earns nothing for tasks finished after this, and stays unclaimed until it re-joins.
-    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    host: Mapped[str] = mapped_column(String(255), default="")
-    hostname: Mapped[str] = mapped_column(String(255), default="")
-    cpus: Mapped[float] = mapped_column(Float, default=0.0)
-    memory_bytes: Mapped[float] = mapped_column(Float, default=0.0)
-    python_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    ray_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    # Filled in by the sandbox check (security issue); "unknown" until then.
-    # "available", "unavailable: <reason>" or "unknown"; the reason can be long.
-    sandbox: Mapped[str] = mapped_column(Text, default="unknown")
-    first_seen: Mapped[float] = mapped_column(Float)
-    last_seen: Mapped[float] = mapped_column(Float)
-    online: Mapped[bool] = mapped_column(Boolean, default=True)
-
-
-class VolunteerKey(Base):
-    """A volunteer's signature generation; rotating bumps it and voids older signatures."""
-
-    __tablename__ = "volunteer_keys"
-
-    volunteer: Mapped[str] = mapped_column(String(64), primary_key=True)
-    generation: Mapped[int] = mapped_column(Integer, default=1)
-    rotated_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 # -- the server secret and signatures ----------------------------------------------------
@@ -216,6 +176,8 @@ def rotate_signature(store: Store, volunteer_name: str, actor: User | None = Non
 
 # -- the registry ------------------------------------------------------------------------
 
+OPERATOR = "operator"  # the machine's own operator (the CLI), who sees every node
+
 
 def _verify(settings: Settings, labels: dict, users_by_name: dict, users_by_id: dict,
             generations: dict) -> tuple[str | None, str | None]:
@@ -289,6 +251,12 @@ def sync_registry(store: Store, settings: Settings, ray_nodes: list[dict], *,
             owner, node.label_volunteer = _verify(settings, labels, users_by_name, users_by_id,
                                                   generations)
             _claim(node, owner, now)
+            if node.claimed and not node.trusted and node.first_seen == now:
+                # A trusted machine that joined again is a new Ray node: it stays trusted.
+                node.trusted = any(
+                    other.trusted and other.volunteer == node.volunteer
+                    and other.hostname == node.hostname and other.node_id != node_id
+                    for other in known.values())
         for node in known.values():
             if node.node_id not in seen and node.online:
                 node.online = False
@@ -336,15 +304,45 @@ def excluded_node_ids(store: Store, settings: Settings) -> set[str]:
 
 
 def parties(store: Store) -> dict[str, str]:
-    """node id -> who answers for its results: the verified volunteer, or "head".
+    """node id -> who answers for its results: the verified volunteer, or ``TRUSTED_PARTY``
+    for the head and the nodes an admin trusts.
 
     Unclaimed and voided nodes are absent: their results belong to nobody. Offline nodes
     stay, because a result can arrive from a node that has just died.
     """
     with store.session() as session:
-        rows = session.execute(select(Node.node_id, Node.role, Node.volunteer).where(
+        rows = session.execute(select(Node.node_id, Node.role, Node.volunteer, Node.trusted).where(
             (Node.role == HEAD) | Node.claimed.is_(True))).all()
-    return {node_id: HEAD if role == HEAD else volunteer for node_id, role, volunteer in rows}
+    return {node_id: TRUSTED_PARTY if role == HEAD or trusted else volunteer
+            for node_id, role, volunteer, trusted in rows}
+
+
+def set_trusted(store: Store, node_id: str, trusted: bool, actor: User | None | str = OPERATOR) -> None:
+    """Mark a volunteer's node as one of the operator's own machines (or no longer).
+
+    A trusted node's results are accepted without replication, as the head's are, and earn
+    no credit. Only an admin (or the operator at the CLI) may do this. When the machine
+    joins again (a new Ray node), it stays trusted: same volunteer, same host name.
+    """
+    if actor != OPERATOR and not is_admin(actor):
+        raise NotFound(f"no node {node_id!r}")
+    with store.session() as session:
+        node = session.get(Node, node_id) or _by_prefix(session, node_id)
+        if node is None:
+            raise NotFound(f"no node {node_id!r}")
+        if node.role == HEAD:
+            raise InvalidRequest("the head is always trusted")
+        node.trusted = trusted
+        logger.info("node %s: %s by an admin", node.node_id[:12],
+                    "trusted" if trusted else "no longer trusted")
+
+
+def _by_prefix(session, prefix: str) -> Node | None:
+    """A node named by the start of its id, as lists show it, if exactly one matches."""
+    if len(prefix) < 6:
+        return None
+    found = session.execute(select(Node).where(Node.node_id.startswith(prefix)).limit(2)).scalars().all()
+    return found[0] if len(found) == 1 else None
 
 
 def label_selector(excluded: set[str] | frozenset[str]) -> dict[str, str] | None:
@@ -381,6 +379,10 @@ class NodeView:
     last_seen: str
     tasks_completed: int
     last_activity: str | None
+    health: str = "checking"        # engine.status.NodeHealth: checking, ready, quarantined
+    health_reason: str | None = None  # why it gets no work, in words a volunteer can act on
+    quarantined_until: str | None = None
+    trusted: bool = False            # the head, or an operator's machine an admin trusts
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -389,8 +391,6 @@ class NodeView:
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
-
-OPERATOR = "operator"  # the machine's own operator (the CLI), who sees every node
 
 
 def list_nodes(store: Store, actor: User | None | str = OPERATOR) -> list[NodeView]:
@@ -417,5 +417,7 @@ def list_nodes(store: Store, actor: User | None | str = OPERATOR) -> list[NodeVi
             status="online" if n.online else "offline", host=n.host, hostname=n.hostname,
             cpus=n.cpus, memory_bytes=n.memory_bytes, python_version=n.python_version,
             ray_version=n.ray_version, sandbox=n.sandbox, first_seen=_iso(n.first_seen),
-            last_seen=_iso(n.last_seen), tasks_completed=completed, last_activity=_iso(last)))
+            last_seen=_iso(n.last_seen), tasks_completed=completed, last_activity=_iso(last),
+            health=n.health, health_reason=n.health_reason,
+            quarantined_until=_iso(n.quarantined_until), trusted=n.role == HEAD or n.trusted))
     return views

@@ -52,6 +52,7 @@ class ProjectStatusView:
     replication: int
     rows_verified: int
     rows_inconclusive: int
+    rows_trusted: int
     executions_per_task: float | None
     notice: str | None
 
@@ -149,7 +150,7 @@ def _view(project: Project, owner: str) -> ProjectStatusView:
         finished_at=_iso(project.finished_at), elapsed_seconds=elapsed, rows_per_second=rate,
         eta_seconds=eta, error=project.error, error_traceback=project.error_traceback,
         replication=project.replication, rows_verified=project.rows_verified,
-        rows_inconclusive=project.rows_inconclusive,
+        rows_inconclusive=project.rows_inconclusive, rows_trusted=project.rows_trusted,
         executions_per_task=(project.executions / done
                              if project.replication > 1 and done else None),
         notice=project.notice)

@@ -22,9 +22,9 @@ from sqlalchemy.orm import Session
 
 from engine import verification
 from engine.models import Replica
-from engine.nodes import HEAD
+from engine.nodes import TRUSTED_PARTY
 from engine.status import RowResult, decide_rows, record_replicas
-from engine.verification import Comparison, Verification, decide
+from engine.verification import Comparison, Verification, agree, decide
 
 # (kept result, its node, verification, parties on the winning side, every party)
 Decided = tuple[RowResult, "str | None", str, tuple[str, ...], tuple[str, ...]]
@@ -67,6 +67,17 @@ class ReplicaTracker:
                 continue
             used = self.parties(row)
             every = tuple(p for p, _, _ in replicas)
+            operator = next((r for r in replicas if r[0] == TRUSTED_PARTY), None)
+            if operator is not None:
+                # The operator's own nodes are trusted: their result is kept; a volunteer's
+                # beside it counts only if it agrees.
+                _, node_id, result = operator
+                agreeing = tuple(p for p, _, r in replicas if r is result or agree(
+                    r, result, self.comparison, self.tolerance))
+                how = Verification.VERIFIED if len(agreeing) > 1 else Verification.TRUSTED
+                decided.append((result, node_id, how.value, agreeing, every))
+                self._forget(row)
+                continue
             if len(replicas) == 1 and self.replication > 1 and row not in self.spot_checked:
                 party, node_id, result = replicas[0]
                 if is_trusted(party):
@@ -123,7 +134,7 @@ def settle(session: Session, tracker: ReplicaTracker, project_id: int, script_sh
 
     def is_trusted(volunteer: str) -> bool:
         if volunteer not in trust_cache:
-            trust_cache[volunteer] = volunteer != HEAD and verification.trusted(
+            trust_cache[volunteer] = volunteer != TRUSTED_PARTY and verification.trusted(
                 session, volunteer, script_sha256)
         return trust_cache[volunteer]
 
@@ -135,7 +146,7 @@ def settle(session: Session, tracker: ReplicaTracker, project_id: int, script_sh
         if how == Verification.BY_TRUST.value:
             continue  # nobody was compared: trust moves on comparisons only
         for volunteer in every:
-            if volunteer != HEAD:
+            if volunteer != TRUSTED_PARTY:
                 verification.update_trust(session, volunteer, script_sha256,
                                           volunteer in agreeing)
     return decided

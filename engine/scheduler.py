@@ -6,12 +6,19 @@ one itself when none is live). On start it recovers: projects still ``running`` 
 and only rows without a stored result are dispatched again.
 
 A task is one row, but rows travel in batches (one Ray call per row is ~1.4k rows/s).
-Batches are contiguous row ranges. Ray retries a batch whose node died; a batch that
-still fails is dispatched again up to ``max_batch_attempts`` times, and its rows fail
-only after that. A row that already has a result keeps it, so a batch that runs twice
-never counts a row twice. Batches are never pinned to a node (a task pinned to a dead
-node waits forever); a node where the script cannot even be imported is only excluded,
-with a label selector, and the project fails only when no live node can import it.
+Batches are contiguous row ranges. A row that already has a result keeps it, so a batch
+that runs twice never counts a row twice. Batches are never pinned to a node (a task
+pinned to a dead node waits forever): nodes are only excluded, with a label selector.
+
+Two kinds of failure are kept apart (``engine.node.result.FailureKind``). The script's:
+it raised while being imported on a node; that node is excluded for the project, which
+fails only when no node able to run it can import it. The infrastructure's: the node
+could not do the work (its code cannot load, no sandbox, a worker crash, a node death).
+Those never fail rows while another node may run them, and never count towards the
+systematic-failure stop: the batch goes to another node, and its rows fail (as
+``NodeFailure``) only once it failed on ``max_batch_attempts`` different nodes, or that
+many times with no other node to try. The node itself is quarantined by
+``engine.health``, which also checks every node when it joins.
 
 Failures of the store (disk full, a locked or read-only database) do not lose results:
 the batch's results stay in memory and are written again until the write succeeds,
@@ -38,14 +45,16 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from engine import cluster, credit, nodes, replication
 from engine.batching import BatchSizer
-from engine.executor import Limits
+from engine.health import NodeHealthBook, ray_failure, short_id
 from engine.models import DatasetChunk, DispatcherLease, NodeScriptFailure, Project, Task
+from engine.node import entry
+from engine.node.result import BatchFailure, BatchReport, FailureKind, RowResult
+from engine.node.sandbox import Limits
 from engine.replication import ReplicaTracker
 from engine.settings import Settings
-from engine.status import ProjectStatus, RowResult, record_results, transition_project
+from engine.status import NODE_FAILURE, ProjectStatus, record_results, transition_project
 from engine.store import Store
 from engine.verification import Comparison
-from engine.worker import run_batch_on_node
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +83,10 @@ class _Batch:
     # Replicated projects: an explicit set of rows, kept off the volunteers already used.
     rows: tuple[int, ...] | None = None
     exclude_parties: frozenset = frozenset()
+    # Nodes this batch failed on for reasons of the node, and failures no node answered for.
+    failed_on: frozenset = frozenset()
+    unplaced_failures: int = 0
+    last_failure: str = ""
 
     @property
     def key(self) -> tuple[int, int]:
@@ -118,7 +131,11 @@ class Dispatcher:
         self._remote = self._remote_fn = None
         self._max_inflight = 4
         self._alive_nodes: set[str] = set()
-        self._excluded_nodes: set[str] = set()   # unclaimed nodes, unless the admin allows them
+        self._excluded_nodes: set[str] = set()   # no work: unclaimed, checking or quarantined
+        self._unclaimed: set[str] = set()         # unclaimed nodes, unless the admin allows them
+        self._registered: set[str] = set()        # every node id in the registry
+        self.health = NodeHealthBook(store, settings)
+        self.health.on_facts = self._record_facts
         self._party_of: dict[str, str] = {}       # node id -> volunteer name, or "head"
         self._nodes_of: dict[str, set[str]] = {}  # volunteer name or "head" -> its node ids
         self._last_registry_sync = 0.0
@@ -145,8 +162,13 @@ class Dispatcher:
         cluster.connect(self.settings)
         import ray
 
-        self._remote_fn = ray.remote(num_cpus=1, max_retries=3)(run_batch_on_node)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self._remote_fn = ray.remote(num_cpus=1, max_retries=3)(entry.run_batch)
         self._remote = self._remote_fn
+        check = ray.remote(num_cpus=0, max_retries=0)(entry.check_node)
+        self.health._start_check = lambda node_id: check.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
         self._report("online", "")
         last_renew = last_refresh = 0.0
         try:
@@ -230,8 +252,13 @@ class Dispatcher:
         ray_nodes = ray.nodes()
         self._alive_nodes = {n["NodeID"] for n in ray_nodes
                              if n.get("Alive") and n.get("Resources", {}).get("CPU")}
-        if time.monotonic() - self._last_registry_sync > _REGISTRY_SECONDS:
+        live = {n["NodeID"] for n in ray_nodes if n.get("Alive")}
+        if (time.monotonic() - self._last_registry_sync > _REGISTRY_SECONDS
+                or live - self._registered):  # a node joined: check it now
             self._sync_registry(ray_nodes)
+        # Nodes are checked once they are in the registry, where what the check finds is kept.
+        self.health.poll(live & self._registered)
+        self._excluded_nodes = self._unclaimed | self.health.blocked(self._alive_nodes)
         usable = self._alive_nodes - self._excluded_nodes
         cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in ray_nodes
                    if n["NodeID"] in usable)
@@ -256,17 +283,12 @@ class Dispatcher:
 
     def _sync_registry(self, ray_nodes: list[dict]) -> None:
         nodes.sync_registry(self.store, self.settings, ray_nodes, refresh_credit=False)
+        self._registered |= {n["NodeID"] for n in ray_nodes}
         self._refresh_credit()
-        self._excluded_nodes = nodes.excluded_node_ids(self.store, self.settings)
-        with self.store.session() as session:
-            # A party is who answers for a node's results: its verified volunteer, or the
-            # head. Unclaimed nodes belong to nobody and never count towards a quorum.
-            self._party_of = {
-                node_id: (nodes.HEAD if role == nodes.HEAD else volunteer)
-                for node_id, role, volunteer, claimed in session.execute(
-                    select(nodes.Node.node_id, nodes.Node.role, nodes.Node.volunteer,
-                           nodes.Node.claimed))
-                if role == nodes.HEAD or (claimed and volunteer)}
+        self._unclaimed = nodes.excluded_node_ids(self.store, self.settings)
+        # A party is who answers for a node's results: its verified volunteer, or the
+        # operator (the head and trusted nodes). Unclaimed nodes never count towards a quorum.
+        self._party_of = nodes.parties(self.store)
         self._nodes_of = {}
         for node_id, party in self._party_of.items():
             self._nodes_of.setdefault(party, set()).add(node_id)
@@ -295,7 +317,9 @@ class Dispatcher:
                 if n in self._party_of}
 
     def _update_notice(self, run: _Run) -> None:
-        missing = run.replicas.replication - len(self._parties_online())
+        online = self._parties_online()
+        # The operator's own nodes settle rows alone: nothing to wait for while one is up.
+        missing = 0 if nodes.TRUSTED_PARTY in online else run.replicas.replication - len(online)
         notice = (f"{_WAITING}{missing} more volunteer{'s' if missing > 1 else ''}"
                   if missing > 0 else None)
         if notice != run.notice:
@@ -466,7 +490,9 @@ class Dispatcher:
             # Keep the batch off unclaimed nodes and nodes that cannot import the script,
             # without pinning it to any node.
             remote = self._remote_fn.options(label_selector=selector)
-        ref = remote.remote(run.source_ref, run.filename, run.columns, payload, run.limits)
+        # Plain values only: a node that cannot import the engine must still take the call.
+        ref = remote.remote(run.source_ref, run.filename, run.columns, payload,
+                            dataclasses.asdict(run.limits))
         run.inflight[ref] = batch
         logger.debug("project %s: batch %d-%d (%d rows) dispatched, selector %s", run.project_id,
                      batch.start, batch.end,
@@ -474,6 +500,8 @@ class Dispatcher:
 
     def _excluded_for(self, run: _Run, batch: _Batch) -> set[str]:
         excluded = self._excluded_nodes | set(run.cannot_import)
+        if self._alive_nodes - excluded - batch.failed_on:
+            excluded |= batch.failed_on  # another node first; the same again only if none is left
         for party in batch.exclude_parties:
             excluded |= self._nodes_of.get(party, set())
         return excluded
@@ -496,7 +524,8 @@ class Dispatcher:
                 _stop(ref)
                 del run.inflight[ref]
                 self._hold(run, batch)
-        if run.held and run.cannot_import and not (self._alive_nodes - self._excluded_nodes
+        # Quarantined and checking nodes may still import it once they are back.
+        if run.held and run.cannot_import and not (self._alive_nodes - self._unclaimed
                                                    - set(run.cannot_import)):
             error = next(iter(run.cannot_import.values()))
             with self.store.session() as session:
@@ -558,21 +587,24 @@ class Dispatcher:
         if copies and batch.key in run.finished:
             return  # the other copy of a duplicated batch already delivered
         try:
-            node_id, outcome, seconds, facts = pickle.loads(ray.get(ref))
+            report = BatchReport.decode(ray.get(ref))
         except TaskCancelledError:
             return
         except RayError as exc:
             if copies and any(b.key == batch.key for b in run.inflight.values()):
                 return  # its duplicate is still running and may yet deliver
-            self._retry_or_fail(run, batch, exc)
+            self._node_failed(run, batch, *ray_failure(exc))
             return
-        self._note_node(run, node_id, facts)
-        if isinstance(outcome, str):
-            self._sandbox_unavailable_on(run, batch, node_id, outcome)
+        node_id = report.node_id
+        if report.facts:
+            self._note_node(run, node_id, report.facts)
+        if report.failure is not None:
+            if report.failure.kind is FailureKind.SCRIPT_IMPORT:
+                self._script_failed_on(run, batch, node_id, report.failure)
+            else:
+                self._node_failed(run, batch, node_id, report.failure)
             return
-        if outcome.script_error is not None:
-            self._script_failed_on(run, batch, node_id, outcome)
-            return
+        self.health.batch_succeeded(node_id)
         # Only real results settle a range: a copy that could not run leaves its twin going.
         if copies:
             run.finished.add(batch.key)
@@ -580,12 +612,12 @@ class Dispatcher:
                 if sibling.key == batch.key:
                     _stop(other)
                     del run.inflight[other]
-        run.sizer.observe(len(outcome.results), seconds)
+        run.sizer.observe(len(report.results), report.seconds)
         if run.replicas is not None:
-            self._replicated(run, batch, node_id, outcome.results)
+            self._replicated(run, batch, node_id, report.results)
             return
-        self._store(run, outcome.results, node_id)
-        returned = sorted(r[0] for r in outcome.results)
+        self._store(run, report.results, node_id)
+        returned = sorted(r[0] for r in report.results)
         for start, end in reversed(_missing_ranges(returned, batch.end, first=batch.start)):
             run.todo.appendleft((start, end))
         self._maybe_finish(run)
@@ -603,7 +635,7 @@ class Dispatcher:
         if party is None or party in batch.exclude_parties:
             # An unclaimed node, or a volunteer already used for these rows: it cannot count.
             logger.warning("project %s: results from node %s cannot count towards a quorum",
-                           run.project_id, node_id[:12])
+                           run.project_id, short_id(node_id))
             run.replicas.requeue(batch.exclude_parties, rows)
             return
         with self.store.session() as session:
@@ -618,47 +650,78 @@ class Dispatcher:
             run.replicas.requeue(batch.exclude_parties, lost)
         self._maybe_finish(run)
 
+    def _record_facts(self, node_id: str, facts: dict) -> None:
+        nodes.record_node_facts(self.store, node_id, **facts)
+        self._facts_recorded.add(node_id)
+
     def _note_node(self, run: _Run, node_id: str, facts: dict) -> None:
         """Record a node's own facts once, and warn on a project that ran unsandboxed."""
         if node_id not in self._facts_recorded:
-            nodes.record_node_facts(self.store, node_id, **facts)
-            self._facts_recorded.add(node_id)
-        if facts["sandbox"] != "available" and self.settings.allow_unsandboxed and not run.unsandboxed:
+            self._record_facts(node_id, facts)
+        if (facts.get("sandbox", "available") != "available" and self.settings.allow_unsandboxed
+                and not run.unsandboxed):
             run.unsandboxed = True
             warning = ("warning: some rows ran on a node without a working sandbox "
                        "(allowed by the administrator)")
-            logger.warning("project %s: %s (node %s)", run.project_id, warning, node_id[:12])
+            logger.warning("project %s: %s (node %s)", run.project_id, warning, short_id(node_id))
             with self.store.session() as session:
                 session.execute(update(Project).where(Project.id == run.project_id)
                                 .values(notice=warning))
 
-    def _sandbox_unavailable_on(self, run: _Run, batch: _Batch, node_id: str, reason: str) -> None:
-        """Research code must not run on a node without a working sandbox: go elsewhere."""
-        logger.warning("node %s: %s; its batches go to other nodes", node_id[:12], reason)
-        self._excluded_nodes.add(node_id)
-        batch = dataclasses.replace(batch, copy=False)
-        if self._alive_nodes - self._excluded_nodes:
-            if batch.rows is not None and run.replicas is not None:
-                run.replicas.requeue(batch.exclude_parties, batch.rows)
-            else:
-                run.todo.appendleft((batch.start, batch.end))
-            return
-        self._retry_or_fail(run, batch, RuntimeError(f"no node can run research code: {reason}"))
+    def _node_failed(self, run: _Run, batch: _Batch, node_id: str | None,
+                     failure: BatchFailure) -> None:
+        """A batch failed for reasons of the node, not of the script: run it elsewhere.
 
-    def _script_failed_on(self, run: _Run, batch: _Batch, node_id: str, outcome) -> None:
+        The node is quarantined if it keeps failing (``engine.health``); the rows fail only
+        once the batch failed on ``max_batch_attempts`` different nodes, or that many times
+        with no other node to try, and never count towards the systematic-failure stop.
+        """
+        if node_id is not None:
+            self.health.batch_failed(node_id, failure)
+            failed_on = batch.failed_on | {node_id}
+            unplaced = batch.unplaced_failures
+        else:
+            # Ray did not say where it ran: check the ready nodes again to find out.
+            self.health.recheck(self._alive_nodes)
+            failed_on, unplaced = batch.failed_on, batch.unplaced_failures + 1
+        self._excluded_nodes |= self.health.blocked(self._alive_nodes)
+        batch = dataclasses.replace(batch, attempt=batch.attempt + 1, copy=False,
+                                    failed_on=failed_on, unplaced_failures=unplaced,
+                                    last_failure=failure.message)
+        where = f"node {short_id(node_id)}" if node_id else "a node Ray did not name"
+        others = self._alive_nodes - self._excluded_nodes - failed_on
+        distinct = len(failed_on) + unplaced
+        limit = self.settings.max_batch_attempts
+        if distinct < limit and (others or batch.attempt <= limit):
+            logger.warning("project %s: batch %d-%d failed on %s (%s: %s); dispatching it again",
+                           run.project_id, batch.start, batch.end, where, failure.kind.value,
+                           failure.message)
+            self._dispatch(run, batch)
+            return
+        logger.error("project %s: batch %d-%d failed on %d nodes (last: %s); failing its rows",
+                     run.project_id, batch.start, batch.end, distinct, failure.message)
+        error = (f"{NODE_FAILURE}: the batch holding this row failed on {distinct} "
+                 f"node{'s' if distinct != 1 else ''} ({batch.attempt - 1} attempts); "
+                 f"last: {failure.message}")
+        self._store(run, [RowResult(i, False, None, error, None, 0.0)
+                          for i in (batch.rows or range(batch.start, batch.end))], None)
+        self._maybe_finish(run)
+
+    def _script_failed_on(self, run: _Run, batch: _Batch, node_id: str,
+                          failure: BatchFailure) -> None:
         """The script's top-level code raised on ``node_id``: try elsewhere, or fail the project."""
-        run.cannot_import[node_id] = outcome.script_error
+        run.cannot_import[node_id] = failure.message
         if run.replicas is None and any(b.key == batch.key for b in run.inflight.values()):
             return  # a copy of this range is running elsewhere
         with self.store.session() as session:
             session.merge(NodeScriptFailure(node_id=node_id, script_sha256=run.script_sha256,
-                                            project_id=run.project_id, error=outcome.script_error,
+                                            project_id=run.project_id, error=failure.message,
                                             failed_at=time.time()))
-        others = self._alive_nodes - self._excluded_nodes - set(run.cannot_import)
+        others = self._alive_nodes - self._unclaimed - set(run.cannot_import)
         if others:
             logger.warning("project %s: the script cannot be imported on node %s (%s); "
-                           "running its batches elsewhere", run.project_id, node_id[:12],
-                           outcome.script_error)
+                           "running its batches elsewhere", run.project_id, short_id(node_id),
+                           failure.message)
             if batch.rows is not None and run.replicas is not None:
                 run.replicas.requeue(batch.exclude_parties, batch.rows)
             else:
@@ -667,23 +730,9 @@ class Dispatcher:
         with self.store.session() as session:
             transition_project(
                 session, run.project_id, ProjectStatus.FAILED,
-                error=f"the script raised while being imported: {outcome.script_error}",
-                traceback=outcome.script_traceback)
+                error=f"the script raised while being imported: {failure.message}",
+                traceback=failure.traceback)
         self._cancel_inflight(self._runs.pop(run.project_id))
-
-    def _retry_or_fail(self, run: _Run, batch: _Batch, exc: Exception) -> None:
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        if batch.attempt < self.settings.max_batch_attempts:
-            logger.warning("project %s: batch %d-%d failed (attempt %d): %s; dispatching again",
-                           run.project_id, batch.start, batch.end, batch.attempt, reason)
-            self._dispatch(run, dataclasses.replace(batch, attempt=batch.attempt + 1, copy=False))
-            return
-        logger.error("project %s: batch %d-%d failed %d times: %s; failing its rows",
-                     run.project_id, batch.start, batch.end, batch.attempt, reason)
-        error = f"NodeFailure: the batch holding this row failed {batch.attempt} times: {reason}"
-        self._store(run, [RowResult(i, False, None, error, None, 0.0)
-                          for i in (batch.rows or range(batch.start, batch.end))], None)
-        self._maybe_finish(run)
 
     def _store(self, run: _Run, results: list[RowResult], node_id: str | None) -> None:
         try:

@@ -1,7 +1,7 @@
 """Checking an uploaded research script without running it.
 
 The portal and the CLI never execute research code: this module only parses it with
-``ast``. Execution happens on the nodes, through ``engine.executor``.
+``ast``. Execution happens on the nodes, through ``engine.node.executor``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The one settings object.
 
-Every setting is declared once in ``SETTINGS`` with its default, its environment
-variable and a line of help. ``Settings.from_env()`` reads the environment;
-tests pass overrides. The README lists every setting (a test checks it).
+Every setting is declared once, as a field of ``Settings`` with its type, default and a
+line of help; its environment variable is ``CONSTELLATION_<NAME>``. ``SETTINGS`` lists
+them (for documentation and the CLI). ``Settings.from_env()`` reads the environment;
+tests pass overrides. docs/configuration.md lists every setting (a test checks it).
 """
 
 from __future__ import annotations
@@ -37,96 +38,96 @@ def _bool(text: str) -> bool:
     return text.strip().lower() in {"1", "true", "yes", "on"}
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("data_dir", "data", str,
-            "Directory for the database, secrets and Ray's session files."),
-    Setting("db_url", "", str,
-            "SQLAlchemy database URL. Empty means sqlite:///<data_dir>/constellation.db."),
-    Setting("ray_address", "", str,
-            "Address (HOST:PORT) of an existing Ray head. Empty means a local head on ray_port, "
-            "started by the engine when none is running."),
-    Setting("ray_port", 6380, int, "Port of the local Ray head (GCS)."),
-    Setting("ray_num_cpus", None, _optional_int,
-            "CPUs the local Ray head offers. Empty means all of the machine's CPUs."),
-    Setting("head_host", "", str,
-            "Address volunteers use to reach the head. Empty means the machine's primary address."),
-    Setting("allow_unclaimed_nodes", False, _bool,
-            "Whether nodes whose volunteer signature does not verify may run work (they never earn credit)."),
-    Setting("portal_port", 8501, int, "Port of the Streamlit portal."),
-    Setting("batch_size", 100, int,
-            "Rows in a project's first batches; later batches are sized from measured row "
-            "time, unless the project fixes its batch size."),
-    Setting("batch_seconds", 1.0, float, "Work per batch that adaptive batching aims at, in seconds."),
-    Setting("row_timeout", 60.0, float, "Seconds one row may run before it fails."),
-    Setting("max_upload_mb", 200, int, "Largest dataset upload, in MB (portal and engine)."),
-    Setting("max_script_kb", 512, int, "Largest script upload, in KB."),
-    Setting("sandbox", "bwrap", str,
-            "How research code is isolated: 'bwrap' (bubblewrap) or 'none' (trusted test setups only)."),
-    Setting("memory_limit_mb", 2048, int, "Address-space limit of the process running research code."),
-    Setting("output_limit_mb", 10, int, "Largest JSON output of one row, in MB."),
-    Setting("file_limit_mb", 64, int,
-            "Largest file research code may write (in its private /tmp), in MB."),
-    Setting("open_files_limit", 256, int, "Files research code may have open at once."),
-    Setting("process_limit", 64, int,
-            "Processes and threads research code may run at once (stops fork bombs)."),
-    Setting("max_row_timeout", 3600.0, float,
-            "Admin maximum of a project's row timeout, in seconds."),
-    Setting("max_memory_limit_mb", 8192, int,
-            "Admin maximum of a project's memory limit, in MB."),
-    Setting("max_output_limit_mb", 100, int,
-            "Admin maximum of a project's per-row output limit, in MB."),
-    Setting("allow_unsandboxed", False, _bool,
-            "Whether a node where the sandbox does not work may run research code anyway (unsafe)."),
-    Setting("max_batch_attempts", 3, int,
-            "How often a batch whose worker or node died is dispatched again before its rows fail."),
-    Setting("lease_seconds", 15.0, float,
-            "How long a dispatcher's lease on the store lasts without renewal."),
-    Setting("replication", 2, int,
-            "Default number of different volunteers that must agree on each row (1: no "
-            "verification; results are marked unverified)."),
-    Setting("spot_check_rate", 0.1, float,
-            "Probability that a row run by a trusted volunteer is still replicated."),
-    Setting("systematic_failure_rows", 20, int,
-            "Stop a project as failed when its first N completed rows all raised the same "
-            "exception type (0 disables)."),
-    Setting("head_policy", "restart", str,
-            "When the Ray head dies: 'restart' it (serve), or 'wait' for an operator to start one."),
-    Setting("log_level", "INFO", str, "Log level of the entry points."),
-)
+# How an environment variable's text becomes a value, by the field's declared type.
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "str": str, "int": int, "float": float, "bool": _bool, "int | None": _optional_int}
+
+
+def _setting(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class Settings:
-    data_dir: str = "data"
-    db_url: str = ""
-    ray_address: str = ""
-    ray_port: int = 6380
-    ray_num_cpus: int | None = None
-    head_host: str = ""
-    allow_unclaimed_nodes: bool = False
-    portal_port: int = 8501
-    batch_size: int = 100
-    batch_seconds: float = 1.0
-    row_timeout: float = 60.0
-    max_upload_mb: int = 200
-    max_script_kb: int = 512
-    sandbox: str = "bwrap"
-    memory_limit_mb: int = 2048
-    output_limit_mb: int = 10
-    file_limit_mb: int = 64
-    open_files_limit: int = 256
-    process_limit: int = 64
-    max_row_timeout: float = 3600.0
-    max_memory_limit_mb: int = 8192
-    max_output_limit_mb: int = 100
-    allow_unsandboxed: bool = False
-    max_batch_attempts: int = 3
-    lease_seconds: float = 15.0
-    replication: int = 2
-    spot_check_rate: float = 0.1
-    systematic_failure_rows: int = 20
-    head_policy: str = "restart"
-    log_level: str = "INFO"
+    """Every setting, declared once: its name, type, default and help.
+
+    The environment variable is ``CONSTELLATION_<NAME>``; docs/configuration.md lists
+    them all (a test checks it).
+    """
+
+    data_dir: str = _setting(
+        "data", "Directory for the database, secrets and Ray's session files.")
+    db_url: str = _setting(
+        "", "SQLAlchemy database URL. Empty means sqlite:///<data_dir>/constellation.db.")
+    ray_address: str = _setting(
+        "", "Address (HOST:PORT) of an existing Ray head. Empty means a local head on ray_port, "
+            "started by the engine when none is running.")
+    ray_port: int = _setting(
+        6380, "Port of the local Ray head (GCS).")
+    ray_num_cpus: int | None = _setting(
+        None, "CPUs the local Ray head offers. Empty means all of the machine's CPUs.")
+    head_host: str = _setting(
+        "", "Address volunteers use to reach the head. Empty means the machine's primary address.")
+    allow_unclaimed_nodes: bool = _setting(
+        False, "Whether nodes whose volunteer signature does not verify may run work (they never earn credit).")
+    portal_port: int = _setting(
+        8501, "Port of the Streamlit portal.")
+    batch_size: int = _setting(
+        100, "Rows in a project's first batches; later batches are sized from measured row "
+            "time, unless the project fixes its batch size.")
+    batch_seconds: float = _setting(
+        1.0, "Work per batch that adaptive batching aims at, in seconds.")
+    row_timeout: float = _setting(
+        60.0, "Seconds one row may run before it fails.")
+    max_upload_mb: int = _setting(
+        200, "Largest dataset upload, in MB (portal and engine).")
+    max_script_kb: int = _setting(
+        512, "Largest script upload, in KB.")
+    sandbox: str = _setting(
+        "bwrap", "How research code is isolated: 'bwrap' (bubblewrap) or 'none' (trusted test setups only).")
+    memory_limit_mb: int = _setting(
+        2048, "Address-space limit of the process running research code.")
+    output_limit_mb: int = _setting(
+        10, "Largest JSON output of one row, in MB.")
+    file_limit_mb: int = _setting(
+        64, "Largest file research code may write (in its private /tmp), in MB.")
+    open_files_limit: int = _setting(
+        256, "Files research code may have open at once.")
+    process_limit: int = _setting(
+        64, "Processes and threads research code may run at once (stops fork bombs).")
+    max_row_timeout: float = _setting(
+        3600.0, "Admin maximum of a project's row timeout, in seconds.")
+    max_memory_limit_mb: int = _setting(
+        8192, "Admin maximum of a project's memory limit, in MB.")
+    max_output_limit_mb: int = _setting(
+        100, "Admin maximum of a project's per-row output limit, in MB.")
+    allow_unsandboxed: bool = _setting(
+        False, "Whether a node where the sandbox does not work may run research code anyway (unsafe).")
+    max_batch_attempts: int = _setting(
+        3, "On how many different nodes a batch may fail for reasons of the node (a worker "
+           "crash, a node death, code that cannot load) before its rows fail as NodeFailure.")
+    quarantine_seconds: float = _setting(
+        30.0, "How long a node that keeps failing batches gets no work, the first time; the "
+              "period doubles while it goes on failing.")
+    quarantine_max_seconds: float = _setting(
+        1800.0, "The longest quarantine of a failing node, in seconds.")
+    node_check_seconds: float = _setting(
+        60.0, "How long the check of a node that joined may take before the node is "
+              "quarantined as not answering.")
+    lease_seconds: float = _setting(
+        15.0, "How long a dispatcher's lease on the store lasts without renewal.")
+    replication: int = _setting(
+        2, "Default number of different volunteers that must agree on each row (1: no "
+            "verification; results are marked unverified).")
+    spot_check_rate: float = _setting(
+        0.1, "Probability that a row run by a trusted volunteer is still replicated.")
+    systematic_failure_rows: int = _setting(
+        20, "Stop a project as failed when its first N completed rows all raised the same "
+            "exception type (0 disables).")
+    head_policy: str = _setting(
+        "restart", "When the Ray head dies: 'restart' it (serve), or 'wait' for an operator to start one.")
+    log_level: str = _setting(
+        "INFO", "Log level of the entry points.")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
@@ -189,5 +190,6 @@ def primary_address() -> str:
     return socket.gethostbyname(socket.gethostname())
 
 
-assert [s.name for s in SETTINGS] == [f.name for f in dataclasses.fields(Settings)], \
-    "SETTINGS and Settings must declare the same settings in the same order"
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(f.name, f.default, _PARSERS[f.type], f.metadata["help"])
+    for f in dataclasses.fields(Settings))

@@ -16,12 +16,13 @@ import enum
 import logging
 import re
 import time
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 from sqlalchemy import text, update
 from sqlalchemy.orm import Session
 
 from engine.models import Project, failed_tasks
+from engine.node.result import RowResult
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,37 @@ class TaskStatus(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+
+class Verification(str, enum.Enum):
+    """How a row's stored result was accepted (see ``engine.verification``)."""
+
+    VERIFIED = "verified"                # replicas of different parties agreed
+    BY_TRUST = "verified-by-trust"       # a volunteer with a long record, spot-checked
+    TRUSTED = "trusted"                  # computed by the operator's own (trusted) nodes
+    UNVERIFIED = "unverified"            # replication 1: nobody checked it
+    INCONCLUSIVE = "inconclusive"        # replicas disagreed; every candidate is kept
+
+    def is_accepted(self) -> bool:
+        return self in (Verification.VERIFIED, Verification.BY_TRUST, Verification.TRUSTED)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class NodeHealth(str, enum.Enum):
+    """Whether a node may get work. Changed only by ``engine.health``."""
+
+    CHECKING = "checking"        # joined; the node check has not answered yet
+    READY = "ready"              # passed its check, and its batches succeed
+    QUARANTINED = "quarantined"  # failed its check or batches; no work until its back-off ends
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# The error of a row whose batch failed on too many nodes for reasons of the nodes. Such
+# rows never count towards the systematic-failure stop: the script did not fail.
+NODE_FAILURE = "NodeFailure"
 
 _TERMINAL = frozenset({ProjectStatus.COMPLETE, ProjectStatus.FAILED, ProjectStatus.CANCELLED})
 
@@ -90,21 +122,6 @@ def transition_project(session: Session, project_id: int, new: ProjectStatus, *,
     if moved:
         logger.info("project %s: -> %s", project_id, new.value)
     return moved
-
-
-class RowResult(NamedTuple):
-    """One row's outcome as it comes back from a node.
-
-    A NamedTuple, not a dataclass: a million of them cross Ray and the store per big
-    project, and tuples pickle and unpickle several times faster.
-    """
-
-    row_index: int
-    succeeded: bool
-    output: str | None       # JSON text of main's return value
-    error: str | None        # "ExceptionType: message"
-    traceback: str | None
-    cpu_seconds: float
 
 
 _INSERT_TASK = ("INSERT INTO tasks (project_id, row_index, status, output, error, traceback, "
@@ -170,8 +187,8 @@ def record_results(session: Session, project_id: int, results: Sequence[RowResul
     return succeeded, failed
 
 
-_ACCEPTED = ("verified", "verified-by-trust")
-_VERIFICATIONS = ("verified", "verified-by-trust", "unverified", "inconclusive")
+_ACCEPTED = tuple(v.value for v in Verification if v.is_accepted())
+_VERIFICATIONS = tuple(v.value for v in Verification)
 
 
 _NODE_ID = re.compile(r"[0-9a-fA-F]{1,64}")
@@ -283,15 +300,17 @@ def decide_rows(session: Session, project_id: int,
         text("SELECT status FROM projects WHERE id = :p"), {"p": project_id}).scalar_one_or_none()
     if status != ProjectStatus.RUNNING.value:
         return
-    succeeded = failed = verified = inconclusive = 0
+    succeeded = failed = verified = inconclusive = trusted = 0
     for verification in {item[2] for item in decided}:
         group = [(result, node) for result, node, v, _, _ in decided if v == verification]
         ok, bad = _insert_tasks(session, project_id, group, verification)
         succeeded, failed = succeeded + ok, failed + bad
-        if verification == "inconclusive":
+        if verification == Verification.INCONCLUSIVE.value:
             inconclusive += ok + bad
         else:
             verified += ok + bad
+            if verification == Verification.TRUSTED.value:
+                trusted += ok + bad
     marks = [(party in agreeing, project_id, result[0], party)
              for result, _node, _v, agreeing, parties in decided for party in parties]
     marker = _marker(session)
@@ -302,7 +321,8 @@ def decide_rows(session: Session, project_id: int,
         rows_succeeded=Project.rows_succeeded + succeeded,
         rows_failed=Project.rows_failed + failed,
         rows_verified=Project.rows_verified + verified,
-        rows_inconclusive=Project.rows_inconclusive + inconclusive))
+        rows_inconclusive=Project.rows_inconclusive + inconclusive,
+        rows_trusted=Project.rows_trusted + trusted))
     total, ok_rows, bad_rows = session.execute(
         text("SELECT rows_total, rows_succeeded, rows_failed FROM projects WHERE id = :p"),
         {"p": project_id}).one()
@@ -313,8 +333,9 @@ def decide_rows(session: Session, project_id: int,
 def _stop_if_systematic(session: Session, project_id: int, rows: int) -> None:
     first = session.execute(
         text(f"SELECT error, traceback FROM {failed_tasks(session)} WHERE project_id = :p "
-             "AND status = 'failed' ORDER BY finished_at, row_index LIMIT :n"),
-        {"p": project_id, "n": rows}).all()
+             "AND status = 'failed' AND error NOT LIKE :infrastructure "
+             "ORDER BY finished_at, row_index LIMIT :n"),
+        {"p": project_id, "n": rows, "infrastructure": f"{NODE_FAILURE}:%"}).all()
     kinds = {(error or "").split(":", 1)[0] for error, _ in first}
     if len(first) >= rows and len(kinds) == 1:
         kind = kinds.pop()

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -175,7 +175,22 @@ def _index_failed_rows_only(session: Session) -> None:
 
 
 # Schema version -> the step that brings a database from the version before it.
-_MIGRATIONS = {2: _index_failed_rows_only}
+def _node_health(session: Session) -> None:
+    """Version 3: nodes are checked when they join, can be quarantined, and can be trusted;
+    projects count the rows accepted from a trusted node."""
+    existing = {c["name"] for c in inspect(session.connection()).get_columns("nodes")}
+    for column, kind in (("health", "VARCHAR(16) NOT NULL DEFAULT 'checking'"),
+                         ("health_reason", "TEXT"), ("failures", "INTEGER NOT NULL DEFAULT 0"),
+                         ("quarantined_until", "FLOAT"), ("checked_at", "FLOAT"),
+                         ("trusted", "BOOLEAN NOT NULL DEFAULT FALSE")):
+        # create_all, which runs first, made the table whole if it did not exist yet.
+        if column not in existing:
+            session.execute(text(f"ALTER TABLE nodes ADD COLUMN {column} {kind}"))
+    if "rows_trusted" not in {c["name"] for c in inspect(session.connection()).get_columns("projects")}:
+        session.execute(text("ALTER TABLE projects ADD COLUMN rows_trusted INTEGER NOT NULL DEFAULT 0"))
+
+
+_MIGRATIONS = {2: _index_failed_rows_only, 3: _node_health}
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from engine.accounts import Role, require_role
 from engine.dataset import Dataset
-from engine.executor import Limits, run_rows
+from engine.node.executor import Limits, run_rows
 from engine.models import User
 from engine.script import Script
 from engine.settings import Settings

@@ -14,6 +14,14 @@ Adaptive trust (after BOINC, per volunteer and script): a volunteer whose last
 that a trusted volunteer ran first is replicated only with probability
 ``spot_check_rate``; otherwise its result is accepted as ``verified-by-trust``. Any
 disagreement resets the volunteer's streak to zero.
+
+Trusted parties: the head, and nodes an admin marks as trusted (the operator's own
+machines), answer together as one party, the operator. A row the operator's party ran is
+accepted at once as ``trusted``, without replication, so that a single machine finishes
+projects with the default replication. A volunteer's result still needs another party to
+agree with it (the operator's, or another volunteer's) before it counts; when it is
+compared with the operator's, the operator's result is kept, and the volunteer's counts
+(``verified``, credit, trust) only if it agrees. Trusted results earn nobody credit.
 """
 
 from __future__ import annotations
@@ -25,12 +33,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from sqlalchemy import Float, Integer, String, select
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from engine.accounts import Role, is_admin, require_role
-from engine.models import Base, User
-from engine.status import RowResult
+from engine.models import Trust, User
+from engine.node.result import RowResult
+from engine.status import Verification  # noqa: F401 (long imported from here)
 
 TRUST_STREAK = 10
 
@@ -41,27 +50,6 @@ class Comparison(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
-
-
-class Verification(str, enum.Enum):
-    VERIFIED = "verified"
-    BY_TRUST = "verified-by-trust"
-    UNVERIFIED = "unverified"
-    INCONCLUSIVE = "inconclusive"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class Trust(Base):
-    """How many results in a row a volunteer got right for one script."""
-
-    __tablename__ = "volunteer_trust"
-
-    volunteer: Mapped[str] = mapped_column(String(64), primary_key=True)
-    script_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
-    streak: Mapped[int] = mapped_column(Integer, default=0)
-    updated_at: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 def canonical(output: str | None) -> str:

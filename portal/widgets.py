@@ -67,6 +67,23 @@ def counts(view: ProjectStatusView) -> None:
                    else ("done" if view.status == "complete" else "–"))
 
 
+def node_health(node) -> None:
+    """One node's health in words: checking, ready, or quarantined and why."""
+    from engine.status import NodeHealth
+
+    where = f"{node.hostname or node.host} ({node.node_id[:12]})"
+    if node.health == NodeHealth.QUARANTINED:
+        until = f" It will be checked again after {node.quarantined_until}." \
+            if node.quarantined_until else ""
+        st.error(f"**{where}** gets no work: {errors.plain(node.health_reason or 'it failed its check')}."
+                 f"{until}", icon=":material/block:")
+    elif node.health == NodeHealth.CHECKING:
+        st.info(f"**{where}** is being checked (Constellation's code, the sandbox, one test row).",
+                icon=":material/hourglass_top:")
+    else:
+        st.success(f"**{where}** is ready and takes work.", icon=":material/check_circle:")
+
+
 def verification_counts(view: ProjectStatusView) -> None:
     """Replicated projects: verified, inconclusive and pending rows, and executions per row."""
     if view.notice:
@@ -75,7 +92,9 @@ def verification_counts(view: ProjectStatusView) -> None:
         st.caption("Replication 1: results are unverified.")
         return
     cols = st.columns(4)
-    cols[0].metric("Verified", f"{view.rows_verified:,}")
+    cols[0].metric("Verified", f"{view.rows_verified:,}",
+                   help=(f"{view.rows_trusted:,} of them trusted: computed on the operator's own "
+                         f"nodes, accepted without replication." if view.rows_trusted else None))
     cols[1].metric("Inconclusive", f"{view.rows_inconclusive:,}")
     cols[2].metric("Awaiting quorum", f"{view.rows_pending:,}")
     cols[3].metric("Executions per row",

@@ -2,12 +2,13 @@
 
 import json
 import random
+import re
 import subprocess
 import sys
 import time
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from conftest import ROOT, engine_env
 from engine import accounts, credit, nodes, projects
@@ -271,8 +272,17 @@ def test_leaderboard_stays_fast_with_a_million_tasks(store, settings):
         assert rows and len(rows) <= 50
     print(f"\nleaderboard with 1M tasks: summing {summing:.2f} s once; " +
           ", ".join(f"{w} {t * 1000:.1f} ms" for w, t in timings.items()))
-    assert sum(r.tasks for r in credit.leaderboard(store, "all")) == expected
-    assert max(timings.values()) < 0.2, timings
+    # What keeps it fast, as behaviour rather than a timing (the figures are printed, and
+    # docs/performance.md has the measured ones): a view reads only the small rollup tables.
+    statements = []
+    listener = lambda conn, cursor, statement, *rest: statements.append(statement)  # noqa: E731
+    event.listen(store.engine, "before_cursor_execute", listener)
+    try:
+        assert sum(r.tasks for r in credit.leaderboard(store, "all")) == expected
+    finally:
+        event.remove(store.engine, "before_cursor_execute", listener)
+    assert statements and not [s for s in statements
+                                if re.search(r"\b(tasks|replicas)\b", s)], statements
 
 
 def test_the_dispatcher_sums_credit_on_its_own_thread_one_refresh_at_a_time(store, settings,

@@ -1,5 +1,6 @@
 """Projects run end to end on a real local Ray head, through the dispatcher."""
 
+import dataclasses
 import io
 import json
 import os
@@ -138,16 +139,16 @@ def test_a_cancelled_batch_stops_its_child_and_keeps_its_ray_worker(cluster_sett
     from ray.exceptions import TaskCancelledError
 
     from engine import cluster
-    from engine.executor import Limits
+    from engine.node.executor import Limits
     from engine.scheduler import _stop
-    from engine.worker import run_batch_on_node
+    from engine.node.entry import run_batch
 
     cluster.connect(cluster_settings)
     marker = "sleep 4242.5"
     source = f"import subprocess\ndef main(row):\n    subprocess.run({marker.split()!r})\n"
-    remote = ray.remote(num_cpus=1, max_retries=0)(run_batch_on_node)
+    remote = ray.remote(num_cpus=1, max_retries=0)(run_batch)
     ref = remote.remote(source, "sleeper.py", ["x"], pickle.dumps((0, 1, None, [(0, [[0]])])),
-                        Limits(row_timeout=60.0))
+                        dataclasses.asdict(Limits(row_timeout=60.0)))
     deadline = time.monotonic() + 60
     while not (sleeping := [pid for pid, (_, cmd) in _processes().items() if cmd.strip() == marker]):
         assert time.monotonic() < deadline, "the batch never started"

@@ -6,8 +6,8 @@ import os
 import pytest
 
 from conftest import ROOT, fixture_bytes
-from engine import executor, sandbox
-from engine.executor import Limits, run_rows
+from engine.node import executor, sandbox
+from engine.node.executor import Limits, run_rows
 from engine.settings import Settings
 
 LIMITS = Limits(row_timeout=2.0, sandbox="bwrap")

@@ -9,10 +9,57 @@ from engine.settings import SETTINGS, Settings
 
 
 def test_engine_never_imports_streamlit_or_portal():
-    code = "import sys, engine, engine.cli, engine.scheduler, engine.executor; " \
+    code = "import sys, engine, engine.cli, engine.scheduler, engine.node.executor; " \
            "bad = [m for m in sys.modules if m.split('.')[0] in ('streamlit', 'portal')]; " \
            "assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+# What a volunteer's machine does not have (it has Python, the pinned ray, bubblewrap).
+_NOT_ON_VOLUNTEERS = ("sqlalchemy", "bcrypt", "pandas", "numpy", "streamlit",
+                      "streamlit_authenticator", "dill", "pyarrow", "psycopg")
+
+_BLOCKER = f"""
+import importlib.abc, sys
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {_NOT_ON_VOLUNTEERS!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: not on volunteers)", name=name)
+sys.meta_path.insert(0, Blocked())
+"""
+
+
+def test_the_node_side_imports_only_the_standard_library():
+    """Everything in engine.node imports on a machine with nothing of ours but this package,
+    and loads nothing beyond the standard library and engine.node itself (Ray is imported
+    only inside the functions that run in a Ray worker, where it is there)."""
+    code = _BLOCKER + """
+before = set(sys.modules)
+import engine.node, engine.node.entry, engine.node.batch, engine.node.executor
+import engine.node.sandbox, engine.node.result
+loaded = {m for m in sys.modules if m.startswith("engine")}
+assert loaded <= {"engine", "engine.node"} | {m for m in loaded if m.startswith("engine.node.")}, loaded
+outside = {m.split(".")[0] for m in set(sys.modules) - before} - set(sys.stdlib_module_names) - {"engine"}
+assert not outside, outside
+"""
+    subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r})\n" + code],
+                   cwd="/", check=True)
+
+
+def test_the_blocker_really_blocks():
+    """The test above would pass vacuously if blocking did nothing."""
+    code = _BLOCKER + "import engine.accounts\n"
+    run = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r})\n" + code],
+                         cwd="/", capture_output=True, text=True)
+    assert run.returncode != 0 and "blocked: not on volunteers" in run.stderr
+
+
+def test_entry_failure_kinds_match_the_result_shape():
+    from engine.node import entry
+    from engine.node.result import FailureKind
+
+    assert FailureKind(entry.CODE_UNLOADABLE) is FailureKind.CODE_UNLOADABLE
+    assert FailureKind(entry.NODE_ERROR) is FailureKind.NODE_ERROR
 
 
 def test_every_setting_is_documented_in_the_readme():

@@ -292,8 +292,8 @@ def test_os_exit_halfway_keeps_done_rows_and_fails_only_its_row(store, cluster_s
 
 def test_controls_the_attacks_work_without_the_sandbox(tmp_path):
     """So that the tests above can fail: unsandboxed, the hostile scripts get what they want."""
-    from engine import executor
-    from engine.executor import Limits, run_rows
+    from engine.node import executor
+    from engine.node.executor import Limits, run_rows
 
     unsandboxed = Limits(row_timeout=30.0, sandbox="none")
     canary = tmp_path / "canary"

@@ -26,7 +26,7 @@ from engine import accounts, credit, nodes, projects, results
 from engine.accounts import Role
 from engine.errors import Forbidden, InvalidRequest
 from engine.export import export_results
-from engine.models import DatasetChunk, Project, Replica, Task, TaskHistory
+from engine.models import SCHEMA_VERSION, DatasetChunk, Node, Project, Replica, Task, TaskHistory
 from engine.settings import Settings
 from engine.status import (ProjectStatus, RowResult, decide_rows, record_replicas, record_results,
                            rerun_failed, transition_project)
@@ -453,7 +453,7 @@ def test_a_version_1_database_is_migrated(store, settings):
         session.execute(text("UPDATE meta SET value = '1' WHERE key = 'schema_version'"))
     assert store.schema_version() == 1
     migrated = Store(settings)
-    assert migrated.schema_version() == 2
+    assert migrated.schema_version() == SCHEMA_VERSION
     with migrated.engine.connect() as connection:
         if dialect(store) == "sqlite":
             names = connection.exec_driver_sql(
@@ -463,6 +463,26 @@ def test_a_version_1_database_is_migrated(store, settings):
                 "SELECT indexname FROM pg_indexes WHERE tablename = 'tasks'")
         names = {name for (name,) in names}
     assert "ix_tasks_failed" in names and "ix_tasks_project_status" not in names
+    migrated.engine.dispose()
+
+
+_HEALTH_COLUMNS = ("health", "health_reason", "failures", "quarantined_until", "checked_at",
+                   "trusted")
+
+
+def test_a_version_2_database_gets_node_health(store, settings):
+    now = time.time()
+    with store.session() as session:
+        session.add(Node(node_id="n1", first_seen=now, last_seen=now))
+    with store.session() as session:
+        for column in _HEALTH_COLUMNS:
+            session.execute(text(f"ALTER TABLE nodes DROP COLUMN {column}"))
+        session.execute(text("UPDATE meta SET value = '2' WHERE key = 'schema_version'"))
+    migrated = Store(settings)
+    assert migrated.schema_version() == SCHEMA_VERSION == 3
+    with migrated.session() as session:
+        node = session.get(Node, "n1")
+        assert (node.health, node.failures, node.trusted) == ("checking", 0, False)
     migrated.engine.dispose()
 
 

@@ -2,7 +2,7 @@
 
 import json
 
-from engine.status import RowResult
+from engine.node.result import RowResult
 from engine.verification import Comparison, agree, decide
 
 

@@ -127,7 +127,7 @@ def test_cheaters_node_really_forges(cluster):
 
     @ray.remote(num_cpus=1)
     def executor_on_this_node():
-        from engine import executor
+        from engine.node import executor
 
         return getattr(executor.run_rows, "forged", False), executor.__file__
 

@@ -1,6 +1,6 @@
 """The program that runs research code, inside the sandbox. Standard library only.
 
-``engine.executor`` starts it as ``python -I -c <this source> IN_FD OUT_FD``, so it
+``executor`` starts it as ``python -I -c <this source> IN_FD OUT_FD``, so it
 needs no file on the node and nothing from the ``engine`` package. It is the only
 place where a research script is compiled and executed.
 

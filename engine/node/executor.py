@@ -1,8 +1,8 @@
 """Running research code: the one module every execution goes through.
 
 Cluster batches (inside a Ray worker) and trial runs (inside the portal or CLI) both
-call ``run_rows``. The code itself runs in a child process (``engine/child.py``) under
-bubblewrap (``engine/sandbox.py``): no network, only the system and Python visible and
+call ``run_rows``. The code itself runs in a child process (``child.py``) under
+bubblewrap (``sandbox.py``): no network, only the system and Python visible and
 read-only, empty ``/tmp`` and ``$HOME``, no capabilities, an unprivileged uid, a
 scrubbed environment and resource limits. The calling process only feeds rows in and
 reads JSON results out, so research code never shares a process with the Ray token.
@@ -13,8 +13,9 @@ batch. A row that crashes its process is found by re-running the rest of the bat
 isolate mode, one flushed result per row; the rows before it keep their results.
 
 Before the first child, each process runs ``sandbox_status()``: a real sandboxed child
-that reports what it can see. A node where that fails refuses research code
-(``SandboxUnavailable``) unless ``Limits.allow_unsandboxed`` says otherwise.
+that reports what it can see (the node check runs it as soon as a node joins, see
+``batch.check``). A node where that fails refuses research code (``SandboxUnavailable``)
+unless ``Limits.allow_unsandboxed`` says otherwise.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine import sandbox
-from engine.sandbox import Limits  # noqa: F401 (callers import Limits from here)
-from engine.status import RowResult
+from engine.node import sandbox
+from engine.node.result import RowResult
+from engine.node.sandbox import Limits  # noqa: F401 (callers import Limits from here)
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +66,19 @@ class Outcome:
 
 def run_rows(source: str, filename: str, columns: Sequence[str],
              rows: Sequence[tuple[int, Sequence[Any]]], limits: Limits, *,
-             plain: bool = False) -> Outcome:
+             plain: bool = False, keep_warm: bool = True) -> Outcome:
     """Run ``main`` over ``rows`` (pairs of row index and values) in a sandboxed child.
 
     Raises ``SandboxUnavailable`` when the sandbox does not work on this node (and the
     limits do not allow running without it): the caller retries the batch elsewhere.
     With ``plain``, results are plain tuples in ``RowResult``'s field order: a million-row
-    project's nodes build and pickle those several times faster.
+    project's nodes build and pickle those several times faster. Without ``keep_warm``
+    the child is ended afterwards (a one-off, such as the node check).
     """
     outcome = Outcome()
     pending = list(rows)
     isolate = False
+    child = None
     while pending:
         child = _pool.get(source, filename, limits)
         if child.script_error is not None:
@@ -104,6 +107,8 @@ def run_rows(source: str, filename: str, columns: Sequence[str],
             continue
         index, _values = pending.pop(0)
         outcome.results.append((index, False, None, end, None, 0.0))
+    if not keep_warm and child is not None:
+        _pool.discard(child)
     if not plain:
         outcome.results = list(map(RowResult._make, outcome.results))
     return outcome
@@ -119,7 +124,7 @@ def sandbox_status(refresh: bool = False) -> str:
     It starts a real sandboxed child, as research code would get, and checks what that
     child sees: no network interface but loopback, nothing of ``$HOME`` and ``/tmp``,
     no ``~/.ray``, no capabilities, no ``RAY_*`` variables, and not uid 0. The answer is
-    cached per process (about 50 ms to compute); the node registry calls this at start.
+    cached per process (about 50 ms to compute).
     """
     global _status
     with _status_lock:

@@ -3,7 +3,7 @@
 ``Limits`` is what one sandboxed child may use: node-wide settings, a project's
 overrides, and the admin maxima that cap them (``Limits.from_settings``).
 
-``engine.executor`` starts every child that runs research code with ``bwrap_argv()``
+``executor`` starts every child that runs research code with ``bwrap_argv()``
 in front of it. The sandbox sees an allow-list of the system (``/usr``, ``/etc`` and
 the library links), the Python installation and virtual environment read-only, a
 private empty ``/tmp`` and ``$HOME``, its own network (no interfaces but a down
