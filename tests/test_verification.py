@@ -55,3 +55,64 @@ def test_quorum_decisions():
     assert d([ok(1)], unused=False).verdict == "more"                       # first quorum waits
     assert d([ok(1), ok(2), ok(1), ok(2)], max_replicas=6).verdict == "more"  # a tie is no majority
     assert d([ok(1)], replication=1).verdict == "verified"
+
+
+# -- trusted parties: the head and the operator's trusted nodes ------------------------
+
+def _tracker():
+    import random
+
+    from engine.replication import ReplicaTracker
+
+    return ReplicaTracker(replication=2, max_replicas=4, comparison=EXACT, tolerance=1e-9,
+                          spot_check_rate=0.0, rng=random.Random(1))
+
+
+def _row(index, value):
+    return RowResult(index, True, json.dumps(value), None, None, 0.0)
+
+
+def test_a_row_the_trusted_party_ran_is_accepted_alone():
+    from engine.nodes import TRUSTED_PARTY
+
+    tracker = _tracker()
+    tracker.add(TRUSTED_PARTY, "head-node", [_row(0, 1)])
+    decided = tracker.evaluate([0], {TRUSTED_PARTY}, lambda party: False)
+    assert [(r.row_index, node, how, agreeing) for r, node, how, agreeing, _ in decided] == \
+        [(0, "head-node", "trusted", (TRUSTED_PARTY,))]
+    assert tracker.waiting_rows() == 0
+
+
+def test_a_volunteers_row_alone_is_never_accepted_on_its_word():
+    tracker = _tracker()
+    tracker.add("alice", "a-node", [_row(0, 1)])
+    # Even with the trusted party online, alice's result waits for another party.
+    from engine.nodes import TRUSTED_PARTY
+
+    assert tracker.evaluate([0], {"alice", TRUSTED_PARTY}, lambda party: False) == []
+    assert tracker.waiting_rows() == 1
+
+
+def test_a_volunteer_agreeing_with_the_trusted_party_is_verified_and_credited():
+    from engine.nodes import TRUSTED_PARTY
+
+    tracker = _tracker()
+    tracker.add("alice", "a-node", [_row(0, 7)])
+    tracker.evaluate([0], {"alice", TRUSTED_PARTY}, lambda party: False)
+    tracker.add(TRUSTED_PARTY, "head-node", [_row(0, 7)])
+    (result, node, how, agreeing, every), = tracker.evaluate([0], set(), lambda party: False)
+    assert (how, set(agreeing), set(every)) == ("verified", {"alice", TRUSTED_PARTY},
+                                                {"alice", TRUSTED_PARTY})
+
+
+def test_a_volunteer_disagreeing_with_the_trusted_party_loses_and_the_trusted_result_stays():
+    from engine.nodes import TRUSTED_PARTY
+
+    tracker = _tracker()
+    tracker.add("carol", "c-node", [_row(0, 999)])
+    tracker.evaluate([0], {"carol", TRUSTED_PARTY}, lambda party: False)
+    tracker.add(TRUSTED_PARTY, "head-node", [_row(0, 7)])
+    (result, node, how, agreeing, every), = tracker.evaluate([0], set(), lambda party: False)
+    assert (json.loads(result.output), node, how, agreeing) == (7, "head-node", "trusted",
+                                                                 (TRUSTED_PARTY,))
+    assert "carol" in every and "carol" not in agreeing
