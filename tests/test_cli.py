@@ -93,6 +93,28 @@ def test_submit_wait_runs_100k_rows_with_its_own_head(settings, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_first_project_with_the_defaults_completes_on_one_machine(cluster_settings, tmp_path):
+    """A newcomer's first run: no volunteers, no options (replication 2 by default). The
+    head is a trusted party, so every row is accepted as trusted, without waiting."""
+    env = engine_env(cluster_settings)
+    del env["CONSTELLATION_REPLICATION"]  # the default, as a newcomer has it
+    done = subprocess.run([python(), "-m", "engine", "submit", FIXTURES / "square.py",
+                           FIXTURES / "numbers.csv", "--wait"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "r.json"
+    subprocess.run([python(), "-m", "engine", "results", done.stdout.strip(), "--format", "json",
+                    "--output", out], env=env, check=True, timeout=120)
+    rows = json.loads(out.read_text())
+    assert [(r["output"], r["verification"]) for r in rows] == [(1, "trusted"), (4, "trusted"),
+                                                               (9, "trusted")]
+    status = json.loads(subprocess.run(
+        [python(), "-m", "engine", "status", done.stdout.strip(), "--json"], env=env,
+        capture_output=True, text=True, check=True).stdout)
+    assert (status["replication"], status["rows_verified"], status["rows_trusted"]) == (2, 3, 3)
+
+
+@pytest.mark.slow
 def test_submit_wait_exits_1_when_the_project_fails(cluster_settings):
     done = cli(cluster_settings, "submit", FIXTURES / "import_error.py", FIXTURES / "numbers.csv", "--wait")
     assert done.returncode == 1, done.stderr

@@ -76,6 +76,25 @@ def test_results_count_once_and_complete_the_project(store, settings):
         assert s.get(Task, (pid, 0)).node_id == "node-a"  # the first result stored is the one kept
 
 
+def test_rows_failed_by_nodes_never_count_towards_the_systematic_stop(store, settings):
+    """NodeFailure rows (their batch failed on several nodes, for reasons of the nodes) are
+    not the script's doing: 25 of them first do not stop the project; 20 real errors do."""
+    pid = submit(store, settings, data=b"x\n" + b"".join(b"%d\n" % i for i in range(100)))
+    node_failed = [RowResult(i, False, None, "NodeFailure: the batch holding this row failed "
+                             "on 3 nodes (3 attempts); last: ...", None, 0.0) for i in range(25)]
+    raised = [RowResult(i, False, None, "ValueError: bad row", "Traceback ...", 0.0)
+              for i in range(25, 45)]
+    with store.session() as s:
+        transition_project(s, pid, ProjectStatus.RUNNING)
+        record_results(s, pid, node_failed, None, systematic_rows=20)
+    with store.session() as s:
+        assert s.get(Project, pid).status == "running"
+        record_results(s, pid, raised, "node-a", systematic_rows=20)
+    with store.session() as s:
+        project = s.get(Project, pid)
+        assert (project.status, project.error) == ("failed", "stopped: the first 20 rows all raised ValueError")
+
+
 def test_results_for_a_cancelled_project_are_not_stored(store, settings):
     pid = submit(store, settings)
     with store.session() as s:
