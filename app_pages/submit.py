@@ -24,9 +24,13 @@ dataset_file = st.file_uploader("Dataset", type=["csv", "json", "jsonl", "ndjson
 dataset = widgets.checked("dataset", dataset_file, lambda f: parse_dataset(
     f.name, f.getvalue(), max_bytes=settings.max_upload_bytes))
 with st.expander("Advanced settings"):
-    batch_size = st.number_input("Batch size (rows per Ray call)", min_value=1, max_value=1_000_000,
-                                 value=settings.batch_size, step=100, key="batch_size")
-    row_timeout = st.number_input("Row timeout (seconds)", min_value=1.0, max_value=86400.0,
+    batch_size = st.number_input(
+        "Batch size (rows per Ray call)", min_value=1, max_value=1_000_000, value=None, step=100,
+        key="batch_size", placeholder="adaptive",
+        help="Empty: batches are sized from the measured time of the rows (about "
+             f"{settings.batch_seconds:g} s of work each). A number fixes every batch at that size.")
+    row_timeout = st.number_input("Row timeout (seconds)", min_value=1.0,
+                                  max_value=float(settings.max_row_timeout),
                                   value=float(settings.row_timeout), step=10.0, key="row_timeout")
     replication = st.number_input(
         "Replication (volunteers who must agree on each row)", min_value=1, max_value=10,
@@ -79,7 +83,7 @@ elif st.button("Run on the cluster", type="primary", key="run_button", icon=":ma
             store, settings, user, title=title or script.name, description=description,
             script_name=script.name, script_bytes=script_file.getvalue(),
             dataset_name=dataset.name, dataset_bytes=dataset_file.getvalue(),
-            batch_size=int(batch_size), row_timeout=float(row_timeout),
+            batch_size=None if batch_size is None else int(batch_size), row_timeout=float(row_timeout),
             replication=int(replication), comparison=comparison, tolerance=float(tolerance))
     st.session_state["submitted"] = {**submitted, upload_key: project_id}
     st.success(f"Project {project_id} submitted.", icon=":material/check_circle:")

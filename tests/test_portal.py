@@ -242,6 +242,7 @@ def test_submit_validates_on_upload_trial_runs_and_submits(portal):
     with portal.session() as s:
         stored = s.query(Project).one()
     assert (stored.title, stored.rows_total, stored.status) == ("divisible by three", 100, "submitted")
+    assert stored.batch_size == 0  # left empty: adaptive batches, as on the CLI
     assert texts(at, "success") == [f"Project {stored.id} submitted."]
     at.run()  # a rerun does not submit the same upload twice
     with portal.session() as s:
@@ -277,6 +278,21 @@ def test_submit_sets_replication_and_comparison(portal, monkeypatch):
     with portal.session() as s:
         stored = s.query(Project).one()
     assert (stored.replication, stored.comparison, stored.tolerance) == (4, "numeric", 1e-6)
+
+
+def test_submit_fixes_the_batch_size_only_when_asked(portal):
+    at = open_page(signed_in("ada"), "app_pages/submit.py")
+    assert at.number_input(key="batch_size").value is None  # adaptive unless set
+    upload(at, "script", "square.py", fixture_bytes("square.py"), "text/x-python")
+    upload(at, "dataset", "d.csv", b"x\n1\n2\n", "text/csv")
+    at.number_input(key="batch_size").set_value(250)
+    at.button(key="trial_button").click()
+    at.run()
+    at.button(key="run_button").click()
+    at.run()
+    assert not at.exception, at.exception
+    with portal.session() as s:
+        assert s.query(Project).one().batch_size == 250
 
 
 # -- projects, status, cancel ---------------------------------------------------------------
