@@ -62,7 +62,9 @@ _REFRESH_SECONDS = 0.25
 _NEW_WORK_SECONDS = 0.03  # how often an idle dispatcher looks for a new submission
 _REGISTRY_SECONDS = 2.0
 _HEAD_LOST_SECONDS = 10.0
-_WAITING = "waiting for "  # how the notice of a project short of volunteers begins
+_WAITING = "waiting for "  # how the notice of a project that cannot go on begins
+_UNSANDBOXED = ("warning: some rows ran on a node without a working sandbox "
+                "(allowed by the administrator)")
 
 
 class LeaseLost(RuntimeError):
@@ -278,7 +280,7 @@ class Dispatcher:
                 self._start(pid)
         for run in list(self._runs.values()):
             self._check_feasible(run)
-            if run.replicas is not None and run.project_id in self._runs:
+            if run.project_id in self._runs:
                 self._update_notice(run)
 
     def _sync_registry(self, ray_nodes: list[dict]) -> None:
@@ -317,19 +319,29 @@ class Dispatcher:
                 if n in self._party_of}
 
     def _update_notice(self, run: _Run) -> None:
-        online = self._parties_online()
-        # The operator's own nodes settle rows alone: nothing to wait for while one is up.
-        missing = 0 if nodes.TRUSTED_PARTY in online else run.replicas.replication - len(online)
-        notice = (f"{_WAITING}{missing} more volunteer{'s' if missing > 1 else ''}"
-                  if missing > 0 else None)
+        """What the project is waiting for, if anything: the one place its notice is decided."""
+        notice = None
+        usable = self._alive_nodes - self._excluded_nodes
+        if self._alive_nodes and not usable:
+            reasons = self.health.reasons(self._alive_nodes & self._excluded_nodes
+                                          - self._unclaimed)
+            notice = (f"{_WAITING}a node that can run it: "
+                      + ("; ".join(reasons) if reasons else "no node may take work"))
+        elif run.replicas is not None:
+            online = self._parties_online()
+            # The operator's own nodes settle rows alone: nothing to wait for while one is up.
+            missing = 0 if nodes.TRUSTED_PARTY in online else run.replicas.replication - len(online)
+            if missing > 0:
+                notice = f"{_WAITING}{missing} more volunteer{'s' if missing > 1 else ''}"
+        if notice is None and run.unsandboxed:
+            notice = _UNSANDBOXED
         if notice != run.notice:
             run.notice = notice
             with self.store.session() as session:
                 session.execute(update(Project).where(Project.id == run.project_id)
                                 .values(notice=notice))
             if notice:
-                logger.warning("project %s: %s (replication %d)", run.project_id, notice,
-                               run.replicas.replication)
+                logger.warning("project %s: %s", run.project_id, notice)
 
     def _start(self, project_id: int) -> None:
         import ray
@@ -359,10 +371,9 @@ class Dispatcher:
                     output_bytes=(project.output_limit_mb or self.settings.output_limit_mb) << 20),
                 source_ref=ray.put(project.script_source),
                 todo=deque(todo), script_sha256=project.script_sha256,
-                # A "waiting for N more volunteers" left by an earlier dispatcher:
-                # _update_notice writes only changes, so it must start from it (or a
-                # stale one outlives the wait). Other notices are not its to clear.
-                notice=project.notice if (project.notice or "").startswith(_WAITING) else None,
+                # What an earlier dispatcher left: _update_notice writes only changes, so
+                # it must start from it (or a stale one outlives the wait).
+                notice=project.notice, unsandboxed=project.notice == _UNSANDBOXED,
                 # Nodes known not to import this script (recorded before a restart).
                 cannot_import=dict(session.execute(
                     select(NodeScriptFailure.node_id, NodeScriptFailure.error).where(
@@ -661,12 +672,9 @@ class Dispatcher:
         if (facts.get("sandbox", "available") != "available" and self.settings.allow_unsandboxed
                 and not run.unsandboxed):
             run.unsandboxed = True
-            warning = ("warning: some rows ran on a node without a working sandbox "
-                       "(allowed by the administrator)")
-            logger.warning("project %s: %s (node %s)", run.project_id, warning, short_id(node_id))
-            with self.store.session() as session:
-                session.execute(update(Project).where(Project.id == run.project_id)
-                                .values(notice=warning))
+            logger.warning("project %s: rows ran unsandboxed on node %s", run.project_id,
+                           short_id(node_id))
+            self._update_notice(run)
 
     def _node_failed(self, run: _Run, batch: _Batch, node_id: str | None,
                      failure: BatchFailure) -> None:

@@ -119,13 +119,15 @@ def test_full_disk_surfaces_the_error_and_loses_nothing(cluster_settings, caplog
         thread.start()
         wait_for(lambda: status(store, pid).rows_succeeded >= 200)
         filler = mount_point / "filler"
-        with open(filler, "wb") as handle:
-            try:
-                while True:
-                    handle.write(b"\0" * 65536)
-                    handle.flush()
-            except OSError:
-                pass
+        # Unbuffered: a buffered file would raise ENOSPC again when it is closed.
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, b"\0" * 65536)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
         # Nothing can be written to a full disk, the lease row included: the error is
         # surfaced in the log and on the dispatcher, and the results wait in memory.
         wait_for(lambda: "database or disk is full" in dispatcher.store_error, timeout=30)
