@@ -42,3 +42,47 @@ def test_trust_is_visible_to_admins_and_to_each_volunteer_for_themself(portal):
     assert list(table["volunteer"]) == ["vic"] and list(table["trusted"]) == [True]
     at = open_page(signed_in("root"), "app_pages/admin.py")
     assert any(list(df.value.get("volunteer", [])) == ["both", "vic"] for df in at.dataframe)
+
+
+def _nodes_of_vic(store):
+    """vic's three machines, as the registry holds them: one checking, one ready, one
+    quarantined with its reason."""
+    import time
+
+    from engine.models import Node
+
+    now = time.time()
+    with store.session() as s:
+        for node_id, host, health, reason in (
+                ("c" * 56, "laptop", "checking", None),
+                ("r" * 56, "desktop", "ready", None),
+                ("q" * 56, "old-pc", "quarantined", "bubblewrap is not installed on this machine: "
+                                                    "sudo apt install bubblewrap")):
+            s.add(Node(node_id=node_id, role="volunteer", volunteer="vic", claimed=True,
+                       hostname=host, first_seen=now, last_seen=now, online=True, health=health,
+                       health_reason=reason, quarantined_until=now + 30 if reason else None))
+
+
+def test_the_join_page_shows_each_machine_checking_ready_or_quarantined_and_why(portal):
+    _nodes_of_vic(portal)
+    at = open_page(signed_in("vic"), "app_pages/join.py")
+    text = lambda kind: " ".join(e.value.replace("\\", "") for e in getattr(at, kind))  # noqa: E731
+    assert "laptop" in text("info") and "is being checked" in text("info")
+    assert "desktop" in text("success") and "ready" in text("success")
+    assert "old-pc" in text("error") and "sudo apt install bubblewrap" in text("error")
+    table = next(df.value for df in at.dataframe if "health" in df.value)
+    assert sorted(table["health"]) == ["checking", "quarantined", "ready"]
+
+
+def test_admins_see_quarantined_nodes_with_their_reason_and_can_trust_a_node(portal):
+    _nodes_of_vic(portal)
+    at = open_page(signed_in("root"), "app_pages/admin.py")
+    assert any("old-pc" in e.value and "bubblewrap" in e.value for e in at.error)
+    table = next(df.value for df in at.dataframe if "health" in df.value)
+    assert list(table.loc[table["host"] == "old-pc", "why"])[0].startswith("bubblewrap is not installed")
+    at.selectbox(key="trust_choice").set_value(
+        next(o for o in at.selectbox(key="trust_choice").options if "desktop" in o))
+    trust_button = next(b for b in at.button if b.label == "Trust / stop trusting")
+    trust_button.click()
+    at.run()
+    assert {v.hostname: v.trusted for v in nodes.list_nodes(portal)}["desktop"] is True
