@@ -68,6 +68,9 @@ class VolunteerNode:
         found, todo = [], [self.process.pid]
         while todo:
             pid = todo.pop()
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "bwrap":
+                    continue  # a sandbox: research code's own scrubbed environment, not Ray's
             found.append(pid)
             todo.extend(children.get(pid, []))
         return found

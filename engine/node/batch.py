@@ -61,13 +61,14 @@ def check() -> bytes:
     limits = _node_limits(Limits(row_timeout=_CHECK_TIMEOUT_SECONDS), context)
     try:
         outcome = executor.run_rows(_CHECK_SCRIPT, "node-check.py", ["x"], [(0, [41])], limits,
-                                    keep_warm=False)
+                                    plain=True, keep_warm=False)
     except executor.SandboxUnavailable as exc:
         report.failure = BatchFailure(FailureKind.SANDBOX_UNAVAILABLE, sandbox_advice(str(exc)))
         return report.encode()
+    # By position, as the dispatcher reads results: (row, ok, output, error, traceback, cpu).
     answer = outcome.results[0] if outcome.results else None
-    if answer is None or not answer.succeeded or json.loads(answer.output) != 42:
-        detail = outcome.script_error or (answer.error if answer else "no result")
+    if answer is None or not answer[1] or json.loads(answer[2]) != 42:
+        detail = outcome.script_error or (answer[3] or answer[2] if answer else "no result")
         report.failure = BatchFailure(FailureKind.NODE_ERROR,
                                       f"a test row did not come back right: {detail}")
     report.seconds = time.perf_counter() - started
