@@ -76,6 +76,8 @@ class Stack:
                          # The issue measures replication 1: one machine, no volunteers.
                          "CONSTELLATION_REPLICATION": "1",
                          "CONSTELLATION_MAX_UPLOAD_MB": "2000",
+                         # Stacks may overlap (a baseline's, then ours): Ray picks the ports.
+                         "CONSTELLATION_HEAD_PORTS": "",
                          "PYTHONPATH": str(ROOT), **extra_env})
         started = time.perf_counter()
         self.process = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--no-portal"],

@@ -39,6 +39,36 @@ def auth_env(settings: Settings) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster_token(settings)}
 
 
+# Where each of a node's Ray ports sits in its range (FIRST-LAST); workers take the rest.
+_PORT_LAYOUT = (("node-manager-port", 0), ("object-manager-port", 1),
+                ("runtime-env-agent-port", 2), ("dashboard-agent-grpc-port", 3),
+                ("dashboard-agent-listen-port", 4), ("metrics-export-port", 5))
+_FIRST_WORKER_PORT = 10
+_MIN_PORTS = 110
+
+
+def port_range(text: str) -> tuple[int, int] | None:
+    """``"20000-20299"`` as (20000, 20299); None when empty. Raises ValueError otherwise."""
+    if not text.strip():
+        return None
+    first, _, last = text.partition("-")
+    low, high = int(first), int(last)
+    if not (0 < low and high <= 65535 and high - low + 1 >= _MIN_PORTS):
+        raise ValueError(f"a port range must be FIRST-LAST with at least {_MIN_PORTS} ports, "
+                         f"not {text!r}")
+    return low, high
+
+
+def port_options(text: str) -> list[str]:
+    """``ray start`` options that keep a node's every port inside the range ``text``."""
+    ports = port_range(text)
+    if ports is None:
+        return []
+    low, high = ports
+    return ([f"--{option}={low + offset}" for option, offset in _PORT_LAYOUT]
+            + [f"--min-worker-port={low + _FIRST_WORKER_PORT}", f"--max-worker-port={high}"])
+
+
 def head_address(settings: Settings) -> str:
     return settings.ray_address or f"{settings.reachable_host}:{settings.ray_port}"
 
@@ -67,7 +97,7 @@ class LocalHead:
                 f"--port={settings.ray_port}", f"--temp-dir={temp_dir}",
                 f"--node-ip-address={settings.reachable_host}",
                 "--include-dashboard=false", "--disable-usage-stats",
-                "--labels=constellation-role=head"]
+                "--labels=constellation-role=head", *port_options(settings.head_ports)]
         if settings.ray_num_cpus is not None:
             argv.append(f"--num-cpus={settings.ray_num_cpus}")
         log_path = settings.data_path / "ray-head.log"

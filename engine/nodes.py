@@ -123,7 +123,8 @@ def join_command(store: Store, settings: Settings, volunteer_name: str) -> str:
     }
     words = [f"{k}={shlex.quote(v)}" for k, v in env.items()]
     words += ["ray", "start", f"--address={shlex.quote(cluster.head_address(settings))}",
-              f"--labels={shlex.quote(labels)}", "--disable-usage-stats"]
+              f"--labels={shlex.quote(labels)}", "--disable-usage-stats",
+              *cluster.port_options(settings.node_ports)]
     return " ".join(words)
 
 

@@ -64,6 +64,13 @@ class Settings:
             "started by the engine when none is running.")
     ray_port: int = _setting(
         6380, "Port of the local Ray head (GCS).")
+    head_ports: str = _setting(
+        "20300-20599", "Ports (FIRST-LAST, at least 110) the local head's Ray processes and workers "
+                       "listen on, so that a firewall can let volunteers' nodes reach them. Empty "
+                       "means Ray's random ones.")
+    node_ports: str = _setting(
+        "20000-20299", "Ports (FIRST-LAST, at least 110) the join command pins a volunteer's node "
+                       "to; the head and other nodes connect to them.")
     ray_num_cpus: int | None = _setting(
         None, "CPUs the local Ray head offers. Empty means all of the machine's CPUs.")
     head_host: str = _setting(

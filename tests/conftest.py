@@ -30,6 +30,11 @@ from engine.store import Store  # noqa: E402
 from postgres import postgres_server  # noqa: E402,F401  (a PostgreSQL server for the session)
 
 
+# Heads in tests let Ray choose their ports: several run on this machine at once, and a
+# fixed range (head_ports, which production pins for firewalls) would collide.
+TEST_HEAD_PORTS = ""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("", 0))
@@ -54,7 +59,8 @@ def ray_head():
 
     data_dir = short_tempdir("cr-head-")
     write_token(data_dir)
-    settings = Settings(data_dir=str(data_dir), ray_port=free_port(), ray_num_cpus=2)
+    settings = Settings(data_dir=str(data_dir), ray_port=free_port(), ray_num_cpus=2,
+                        head_ports=TEST_HEAD_PORTS)
     head = LocalHead(settings)
     yield settings
     import ray
@@ -75,7 +81,8 @@ def data_dir():
 @pytest.fixture
 def settings(data_dir) -> Settings:
     # One node here: replication 1 unless a test builds a cluster of volunteers.
-    return Settings(data_dir=str(data_dir), row_timeout=10.0, replication=1)
+    return Settings(data_dir=str(data_dir), row_timeout=10.0, replication=1,
+                    head_ports=TEST_HEAD_PORTS)
 
 
 @pytest.fixture
@@ -99,6 +106,7 @@ def engine_env(settings: Settings) -> dict[str, str]:
     env.update({"CONSTELLATION_DATA_DIR": settings.data_dir,
                 "CONSTELLATION_RAY_PORT": str(settings.ray_port),
                 "CONSTELLATION_REPLICATION": str(settings.replication),
+                "CONSTELLATION_HEAD_PORTS": settings.head_ports,
                 "PYTHONPATH": str(ROOT)})
     if settings.ray_num_cpus:
         env["CONSTELLATION_RAY_NUM_CPUS"] = str(settings.ray_num_cpus)

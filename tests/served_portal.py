@@ -33,7 +33,8 @@ def served_portal(data_dir: Path, startup_seconds: float = 120) -> Iterator[Serv
     env.update({"CONSTELLATION_DATA_DIR": str(data_dir), "CONSTELLATION_RAY_PORT": str(free_port()),
                 "CONSTELLATION_PORTAL_PORT": str(port), "CONSTELLATION_RAY_NUM_CPUS": "2",
                 # One machine: a row cannot be replicated on two distinct volunteers here.
-                "CONSTELLATION_REPLICATION": "1", "PYTHONPATH": str(ROOT)})
+                "CONSTELLATION_REPLICATION": "1", "CONSTELLATION_HEAD_PORTS": "",
+                "PYTHONPATH": str(ROOT)})
     log_path = data_dir / "serve.log"
     log = open(log_path, "wb")
     server = subprocess.Popen([python(), "-m", "engine", "serve"], cwd=ROOT, env=env,

@@ -54,7 +54,8 @@ def ray_cluster():
     ray.shutdown()  # this process may be connected to the session's shared head
     head_dir = short_tempdir("cct-")
     write_token(head_dir)  # Ray in this process read the session's token at import
-    head_settings = Settings(data_dir=str(head_dir), ray_port=free_port(), ray_num_cpus=1)
+    head_settings = Settings(data_dir=str(head_dir), ray_port=free_port(), ray_num_cpus=1,
+                             head_ports="")
     head = cluster.LocalHead(head_settings)
     address = cluster.head_address(head_settings)
     workers = []

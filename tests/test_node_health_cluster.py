@@ -33,9 +33,16 @@ ROWS = 240
 
 def test_a_broken_volunteer_is_quarantined_and_the_project_completes_without_it(capsys):
     # The head offers no CPU: every row must be computed, and verified, by volunteers.
-    with volunteer_cluster(("alice", "bob", "dora"), head_cpus=0,
+    # alice's node keeps the ports her join command pins (the others, on the same machine,
+    # need ports of their own).
+    with volunteer_cluster(("alice", "bob", "dora"), head_cpus=0, pinned="alice",
                            pythonpath={"dora": FIXTURES / "broken"}) as state:
         ids = state.node_ids
+        import ray
+
+        [alice] = [n for n in ray.nodes() if n["NodeID"] == ids["alice"]]
+        low, high = (int(p) for p in state.settings.node_ports.split("-"))
+        assert low <= alice["NodeManagerPort"] <= high and low <= alice["ObjectManagerPort"] <= high
 
         # Each node is checked as soon as it joins, before it gets any work.
         started = time.monotonic()

@@ -72,6 +72,15 @@ def test_join_command_sets_the_token_and_ends_with_ray_start(people, settings):
     labels = labels_of(command)
     assert labels[nodes.VOLUNTEER_LABEL] == "alice"
     assert labels[nodes.SIGNATURE_LABEL] == nodes.signature(settings, "alice", 1)
+    # Every port the node listens on is in the documented range a firewall can open.
+    options = dict(word.lstrip("-").split("=", 1) for word in argv[2:] if "=" in word)
+    ports = {k: int(v) for k, v in options.items() if k.endswith("-port")}
+    assert set(ports) == {"node-manager-port", "object-manager-port", "runtime-env-agent-port",
+                          "dashboard-agent-grpc-port", "dashboard-agent-listen-port",
+                          "metrics-export-port", "min-worker-port", "max-worker-port"}
+    assert all(20000 <= p <= 20299 for p in ports.values()), ports
+    assert len(set(ports.values())) == len(ports)
+    assert ports["max-worker-port"] - ports["min-worker-port"] >= 100
     # Appending an option still gives one valid ray start command line.
     _, appended = parse(command + " --num-cpus=2")
     assert appended[-1] == "--num-cpus=2" and appended[:2] == ["ray", "start"]

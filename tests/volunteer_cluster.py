@@ -38,6 +38,7 @@ __all__ = ["VolunteerCluster", "VolunteerNode", "add_volunteer", "assert_clean_n
            "submit", "volunteer_cluster", "volunteer_env"]
 
 JOIN_SECONDS = 120
+WORKER_PORTS = 24  # per node: its workers, and Ray's spare ones
 SYNC_SECONDS = 2.0
 
 
@@ -122,22 +123,29 @@ def plain_join_command(address: str, token: str) -> str:
 
 
 def start_node(name: str, command: str, pythonpath: Path | None = None, *, cpus: int = 1,
-               venv_bin: Path | None = None, home: Path | None = None) -> VolunteerNode:
+               venv_bin: Path | None = None, home: Path | None = None,
+               own_ports: bool = True) -> VolunteerNode:
     """Run ``command`` (a join command: ``ENV=... ray start ...``) as a volunteer's machine.
 
     ``pythonpath`` is the node's own extra modules (a file or a directory, copied into its
     home). ``venv_bin`` replaces the clean venv on PATH, ``home`` the fresh home directory
-    (for a node whose venv was made in it).
+    (for a node whose venv was made in it). Without ``own_ports`` the node keeps the ports
+    the join command pins (only one such node fits on this machine).
     """
     directory = short_tempdir(f"cv-{name}-")
     home = home if home is not None else volunteer_home(name)
     log = directory / "node.log"
     extra = copy_into_home(home, pythonpath) if pythonpath is not None else None
     env = volunteer_env(home, extra, venv_bin=venv_bin)
-    # Several nodes share this machine: each needs its own temp dir and agent ports.
-    full = (f"{command} --num-cpus={cpus} --temp-dir={directory / 'ray'} "
-            f"--dashboard-agent-listen-port={free_port()} --metrics-export-port={free_port()} "
-            f"--runtime-env-agent-port={free_port()} --block")
+    # Several nodes share this machine: each needs its own temp dir and ports. The ports
+    # given here override the join command's fixed range (the last value of an option wins).
+    workers = ",".join(str(free_port()) for _ in range(WORKER_PORTS))
+    ports = (f"--node-manager-port={free_port()} --object-manager-port={free_port()} "
+             f"--dashboard-agent-grpc-port={free_port()} "
+             f"--dashboard-agent-listen-port={free_port()} --metrics-export-port={free_port()} "
+             f"--runtime-env-agent-port={free_port()} --worker-port-list={workers} "
+             if own_ports else "")
+    full = f"{command} --num-cpus={cpus} --temp-dir={directory / 'ray'} {ports}--block"
     with open(log, "wb") as out:
         process = subprocess.Popen(["/bin/bash", "-c", full], cwd=home, env=env,
                                    stdin=subprocess.DEVNULL, stdout=out,
@@ -188,11 +196,13 @@ def node_temp_dir(ray_node: dict) -> str:
 def volunteer_cluster(volunteers: tuple[str, ...], *, head_cpus: int | None,
                       pythonpath: dict[str, Path] | None = None,
                       others: Callable[[dict[str, str]], dict[str, tuple[str, bool]]] | None = None,
+                      pinned: str | None = None,
                       **settings: object) -> Iterator[VolunteerCluster]:
     """A head started by the engine and one 1-CPU node per volunteer, joined by command.
 
     ``others``, given the volunteers' join commands by name, names more nodes to start:
     name -> (command, whether it joins), e.g. a forged signature (joins, unclaimed) or a
+    ``pinned`` names the one volunteer whose node keeps the join command's fixed ports.
     wrong token (refused).
     """
     import ray
@@ -203,6 +213,7 @@ def volunteer_cluster(volunteers: tuple[str, ...], *, head_cpus: int | None,
     data_dir = short_tempdir("cv-head-")
     write_token(data_dir)  # Ray in this process read the session's token at import
     config = Settings(data_dir=str(data_dir), ray_port=free_port(), ray_num_cpus=head_cpus,
+                      head_ports="",
                       row_timeout=30.0).replace(**settings)
     store = Store(config)
     for name in volunteers:
@@ -217,7 +228,8 @@ def volunteer_cluster(volunteers: tuple[str, ...], *, head_cpus: int | None,
     try:
         commands = {name: nodes.join_command(store, config, name) for name in volunteers}
         for name, command in commands.items():
-            state.nodes[name] = start_node(name, command, (pythonpath or {}).get(name))
+            state.nodes[name] = start_node(name, command, (pythonpath or {}).get(name),
+                                           own_ports=name != pinned)
         for name, (command, joins) in (others(commands) if others else {}).items():
             state.nodes[name] = start_node(name, command)
             if not joins:
