@@ -214,3 +214,16 @@ def test_volunteers_see_only_their_own_nodes(people, settings):
     assert len(nodes.list_nodes(people, accounts.local_admin(people))) == 3
     with pytest.raises(Forbidden):
         nodes.list_nodes(people, accounts.get_user(people, "rita"))
+
+
+def test_the_join_instructions_say_what_to_install_and_open(settings):
+    text = nodes.install_instructions(settings.replace(head_host="192.0.2.7", ray_port=6390))
+    import ray
+
+    assert f"ray=={ray.__version__}" in text and "bubblewrap" in text
+    for platform in ("Debian", "Fedora", "WSL2", "macOS"):
+        assert platform in text
+    # Which connections each side opens, on which ports, and what NAT needs.
+    assert "192.0.2.7:6390" in text and settings.node_ports in text and settings.head_ports in text
+    assert "NAT" in text and "WireGuard" in text and "--node-ip-address" in text
+    assert "refuses to join" in text  # what happens when versions differ
