@@ -125,6 +125,8 @@ class NodeHealthBook:
                 lines.append(f"node {short_id(node_id)} is being checked")
             elif record.health is NodeHealth.QUARANTINED:
                 lines.append(f"node {short_id(node_id)} is quarantined: {record.reason}")
+            elif record.health is NodeHealth.REMOVED:
+                lines.append(f"node {short_id(node_id)} was removed: {record.reason}")
         return lines
 
     # -- the node check -------------------------------------------------------------------
@@ -187,7 +189,14 @@ class NodeHealthBook:
         self._checks[ref] = (node_id, time.monotonic() + self.settings.node_check_seconds)
         logger.debug("node %s: checking", short_id(node_id))
 
+    def removed(self, node_id: str, reason: str) -> None:
+        """``engine.drivers`` removed the node: it gets nothing, ever (it wrote the registry)."""
+        record = self._records.setdefault(node_id, _Record())
+        record.health, record.reason = NodeHealth.REMOVED, reason
+
     def _checked(self, node_id: str, report: BatchReport) -> None:
+        if self._is_removed(node_id):
+            return
         if report.facts:
             self.on_facts(node_id, report.facts)
         if report.failure is not None:
@@ -210,7 +219,7 @@ class NodeHealthBook:
     def batch_failed(self, node_id: str, failure: BatchFailure) -> None:
         """A batch failed on ``node_id`` for reasons of the node."""
         record = self._records.setdefault(node_id, _Record())
-        if record.health is NodeHealth.QUARANTINED:
+        if record.health in (NodeHealth.QUARANTINED, NodeHealth.REMOVED):
             return  # batches already in flight when it was quarantined
         record.failures += 1
         if failure.kind in _DETERMINISTIC or record.failures >= _FAILURES_BEFORE_QUARANTINE:
@@ -218,7 +227,13 @@ class NodeHealthBook:
         else:
             self._write(node_id, record)
 
+    def _is_removed(self, node_id: str) -> bool:
+        record = self._records.get(node_id)
+        return record is not None and record.health is NodeHealth.REMOVED
+
     def _quarantine(self, node_id: str, kind: FailureKind, reason: str) -> None:
+        if self._is_removed(node_id):
+            return
         record = self._records.setdefault(node_id, _Record())
         record.quarantines += 1
         seconds = min(self.settings.quarantine_max_seconds,
@@ -237,6 +252,8 @@ class NodeHealthBook:
             row = session.execute(select(Node.health, Node.health_reason, Node.failures,
                                          Node.quarantined_until)
                                   .where(Node.node_id == node_id)).first()
+        if row is not None and row.health == NodeHealth.REMOVED.value:
+            return _Record(NodeHealth.REMOVED, reason=row.health_reason)
         if row is not None and row.health == NodeHealth.QUARANTINED.value and row.quarantined_until:
             return _Record(NodeHealth.QUARANTINED, row.failures or 0, 1, row.quarantined_until,
                            row.health_reason)

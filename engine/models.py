@@ -303,3 +303,29 @@ class ProjectCredit(Base):
     snapshot: Mapped[str] = mapped_column(String(80), default="")
     refreshed_at: Mapped[float] = mapped_column(Float, default=0.0)
     refresh_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class OwnDriver(Base):
+    """A Ray driver (job) of Constellation's own: a dispatcher registers its job id here.
+
+    Any other driver in Ray's job table is a rogue (``engine.drivers``)."""
+
+    __tablename__ = "own_drivers"
+
+    job_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    registered_at: Mapped[float] = mapped_column(Float)
+
+
+class SecurityAlert(Base):
+    """Something an admin must look at: for now, a driver that is not Constellation's."""
+
+    __tablename__ = "security_alerts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    raised_at: Mapped[float] = mapped_column(Float)
+    kind: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[str] = mapped_column(String(32), unique=True)
+    node_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    volunteer: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    detail: Mapped[str] = mapped_column(Text)

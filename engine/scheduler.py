@@ -43,7 +43,7 @@ from typing import Any, Callable
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from engine import cluster, credit, nodes, replication
+from engine import cluster, credit, drivers, nodes, replication
 from engine.batching import BatchSizer
 from engine.health import NodeHealthBook, ray_failure, short_id
 from engine.models import DatasetChunk, DispatcherLease, NodeScriptFailure, Project, Task
@@ -145,6 +145,7 @@ class Dispatcher:
         self._head_lost_since: float | None = None
         self._unstored: list[tuple[_Run, list[RowResult], str | None]] = []
         self._credit_thread: threading.Thread | None = None
+        self._drain: Callable[[str], None] = lambda node_id: None
         self.store_error: str = ""
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -166,6 +167,8 @@ class Dispatcher:
 
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        drivers.register(self.store, ray.get_runtime_context().get_job_id(), self.holder)
+        self._drain = drivers.drain_with_ray(cluster.head_address(self.settings))
         self._remote_fn = ray.remote(num_cpus=1, max_retries=3)(entry.run_batch)
         self._remote = self._remote_fn
         check = ray.remote(num_cpus=0, max_retries=0)(entry.check_node)
@@ -295,6 +298,19 @@ class Dispatcher:
         for node_id, party in self._party_of.items():
             self._nodes_of.setdefault(party, set()).add(node_id)
         self._last_registry_sync = time.monotonic()
+        self._watch_drivers()
+
+    def _watch_drivers(self) -> None:
+        """Answer any Ray driver that is not Constellation's (see engine.drivers)."""
+        try:
+            found = drivers.read_drivers()
+        except Exception as exc:  # the GCS may be restarting; the next sync tries again
+            logger.warning("dispatcher %s: cannot read Ray's drivers: %s", self.holder, exc)
+            return
+        for alert in drivers.watch(self.store, found, self._drain):
+            if alert.node_id:
+                self.health.removed(alert.node_id, "a driver that is not Constellation's came from it")
+                self._unclaimed.add(alert.node_id)
 
     def _refresh_credit(self) -> None:
         """Sum credit on a thread of its own, one refresh at a time.

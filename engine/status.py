@@ -67,11 +67,13 @@ class Verification(str, enum.Enum):
 
 
 class NodeHealth(str, enum.Enum):
-    """Whether a node may get work. Changed only by ``engine.health``."""
+    """Whether a node may get work. Changed by ``engine.health``, and to ``REMOVED`` by
+    ``engine.drivers`` alone."""
 
     CHECKING = "checking"        # joined; the node check has not answered yet
     READY = "ready"              # passed its check, and its batches succeed
     QUARANTINED = "quarantined"  # failed its check or batches; no work until its back-off ends
+    REMOVED = "removed"          # a rogue driver came through it (engine.drivers): no work, ever
 
     def __str__(self) -> str:
         return self.value
