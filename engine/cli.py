@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
 
     join = commands.add_parser("join-command", help="the command that joins a machine as VOLUNTEER's node")
     join.add_argument("volunteer")
+    commands.add_parser("rotate-cluster-token",
+                        help="replace the cluster token: every node must join again with the "
+                             "new join command; a running `engine serve` restarts its Ray head")
     rotate = commands.add_parser("rotate-signature",
                                  help="void VOLUNTEER's node signature; their nodes must re-join")
     rotate.add_argument("volunteer")
@@ -267,6 +270,15 @@ def _join_command(args, settings: Settings) -> int:
     return 0
 
 
+def _rotate_cluster_token(args, settings: Settings) -> int:
+    cluster.rotate_cluster_token(settings)
+    print("The cluster token was replaced. A running `engine serve` restarts its Ray head "
+          "within seconds (the dispatcher with it); every volunteer's node leaves the cluster "
+          "and must join again with the new command from the portal's Join page (or "
+          "`join-command NAME`). Old join commands no longer join.")
+    return 0
+
+
 def _rotate_signature(args, settings: Settings) -> int:
     from engine import nodes
 
@@ -347,5 +359,6 @@ def _serve(args, settings: Settings) -> int:
 _COMMANDS = {"submit": _submit, "status": _status, "results": _results, "cancel": _cancel,
              "list": _list, "init": _init, "rerun-failed": _rerun_failed, "backup": _backup,
              "user": _user,
-             "join-command": _join_command, "rotate-signature": _rotate_signature, "nodes": _nodes, "trust-node": _trust_node, "leaderboard": _leaderboard,
+             "join-command": _join_command, "rotate-signature": _rotate_signature,
+             "rotate-cluster-token": _rotate_cluster_token, "nodes": _nodes, "trust-node": _trust_node, "leaderboard": _leaderboard,
              "dispatcher": _dispatcher, "serve": _serve}

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from engine.errors import ClusterUnavailable
-from engine.keys import data_secret
+from engine.keys import data_secret, replace_secret
 from engine.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,14 @@ _HEAD_START_SECONDS = 60.0
 def cluster_token(settings: Settings) -> str:
     """The cluster's auth token, created on first use."""
     return data_secret(settings, "cluster_token")
+
+
+def rotate_cluster_token(settings: Settings) -> None:
+    """Replace the cluster token. Ray reads it only when a process starts, so the head must
+    restart with it (``engine serve`` does so within a second, see ``Supervisor``), and
+    every node must join again with the new join command; the old one no longer joins."""
+    replace_secret(settings, "cluster_token")
+    logger.warning("cluster: the cluster token was replaced; nodes must join again")
 
 
 def auth_env(settings: Settings) -> dict[str, str]:

@@ -22,3 +22,16 @@ def data_secret(settings: Settings, name: str) -> str:
             with os.fdopen(fd, "w") as handle:
                 handle.write(secrets.token_hex(32))
     return path.read_text().strip()
+
+
+def replace_secret(settings: Settings, name: str) -> str:
+    """Replace ``<data_dir>/secrets/<name>`` with a new random value (atomically, mode 0600)."""
+    path = settings.data_path / "secrets" / name
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fresh = path.with_name(f".{name}.{secrets.token_hex(4)}")
+    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    value = secrets.token_hex(32)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value)
+    os.replace(fresh, path)
+    return value

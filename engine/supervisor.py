@@ -48,6 +48,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         head = self._head()
+        token = cluster.cluster_token(self.settings)
         dispatcher = self._start_dispatcher()
         portal = None
         if self.portal:
@@ -66,6 +67,18 @@ class Supervisor:
                 if portal is not None and portal.poll() is not None:
                     logger.error("supervisor: the portal exited (code %s); stopping", portal.returncode)
                     return 1
+                if cluster.cluster_token(self.settings) != token:
+                    # rotate-cluster-token: Ray reads the token only when it starts.
+                    token = cluster.cluster_token(self.settings)
+                    logger.warning("supervisor: the cluster token changed; restarting the Ray "
+                                   "head and the dispatcher")
+                    _stop_group(dispatcher)
+                    if head is not None:
+                        head.stop(grace=2)
+                        head = None
+                    head = self._head()
+                    dispatcher = self._start_dispatcher()
+                    continue
                 if head is not None and not head.alive():
                     logger.error("supervisor: the Ray head exited (code %s)", head.process.returncode)
                     head.stop(grace=1)
