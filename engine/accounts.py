@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 import bcrypt
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 
 from engine.keys import data_secret
 from engine.errors import Forbidden, InvalidRequest, NotFound
@@ -26,11 +26,23 @@ from engine.store import Store
 
 logger = logging.getLogger(__name__)
 
+# The command line's own account: the owner of projects submitted without --owner, and the
+# actor of every CLI command. It has no password, so nobody can sign in as it; `init` and
+# `serve` create it, so that nobody can register the name first.
 LOCAL_ADMIN = "admin"
+# Names the engine itself uses for parties and node owners ("head" is the operator's trusted
+# party: a volunteer called "head" would have their results accepted unverified).
+ENGINE_NAMES = frozenset({"head", "unclaimed", "operator"})
+RESERVED_NAMES = ENGINE_NAMES | {LOCAL_ADMIN}
 # Five wrong passwords within the window lock the name for the rest of the window.
 MAX_FAILED_LOGINS = 5
 LOGIN_WINDOW_SECONDS = 15 * 60
 MIN_PASSWORD_CHARS = 8
+# Self-service registration: at most this many accounts per client address per window.
+# Behind a reverse proxy every visitor has the proxy's address, so the limit is site-wide.
+MAX_REGISTRATIONS_PER_ADDRESS = 10
+REGISTRATION_WINDOW_SECONDS = 60 * 60
+LOCAL_ADDRESS = "local"  # what Streamlit reports for a browser on the portal's own machine
 # bcrypt uses only the first 72 bytes; longer passwords would silently collide.
 MAX_PASSWORD_BYTES = 72
 
@@ -56,6 +68,7 @@ class UserView:
     roles: list[str]
     disabled: bool
     created_at: str
+    note: str = ""  # what an account is, when it is not self-evident (the CLI's own account)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,8 +113,18 @@ def get_user(store: Store, name: str) -> User:
     return user
 
 
+LOCAL_ADMIN_NOTE = ("the command line's own account: it owns projects submitted without "
+                    "--owner and acts for every CLI command; it has no password, so nobody "
+                    "can sign in with it")
+
+
 def local_admin(store: Store) -> User:
-    """The CLI's default owner: a local admin account, created on first use, with no password."""
+    """The CLI's own account (``LOCAL_ADMIN``): an admin without a password, created on first
+    use (``init`` and ``serve`` create it, so the name is never free for a visitor).
+
+    An ``admin`` account without the admin role (one registered before the name was
+    reserved) is refused rather than acted for: it belongs to whoever registered it.
+    """
     with store.session() as session:
         user = session.execute(select(User).where(User.name == LOCAL_ADMIN)).scalar_one_or_none()
         if user is None:
@@ -109,15 +132,22 @@ def local_admin(store: Store) -> User:
                         roles=f"{Role.ADMIN},{Role.RESEARCHER}", created_at=time.time())
             session.add(user)
             session.flush()
-            logger.info("user %s: created as the local admin", LOCAL_ADMIN)
+            logger.info("user %s: created as the command line's own account", LOCAL_ADMIN)
+        if Role.ADMIN.value not in user.role_set:
+            raise Forbidden(
+                f"the account {LOCAL_ADMIN!r} is not the command line's own account (it is not an "
+                f"admin: someone registered the name); pass --owner, or make it the operator's "
+                f"with `user grant {LOCAL_ADMIN} --role admin`")
         return user
 
 
 def create_user(store: Store, name: str, roles: set[Role], *, email: str = "",
-                password_hash: str = "") -> User:
+                password_hash: str = "", registered_from: str | None = None) -> User:
     if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum() \
             or not name.isascii():
         raise InvalidRequest("a user name is 1-64 letters, digits, '-' or '_'")
+    if name in ENGINE_NAMES:
+        raise InvalidRequest(f"the user name {name!r} is reserved (the engine uses it for nodes)")
     if not roles:
         raise InvalidRequest("a user needs at least one role")
     email = email.strip()
@@ -127,7 +157,8 @@ def create_user(store: Store, name: str, roles: set[Role], *, email: str = "",
         if session.execute(select(User.id).where(User.name == name)).first():
             raise InvalidRequest(f"the user name {name!r} is taken")
         user = User(name=name, email=email, password_hash=password_hash,
-                    roles=",".join(sorted(Role(r).value for r in roles)), created_at=time.time())
+                    roles=",".join(sorted(Role(r).value for r in roles)), created_at=time.time(),
+                    registered_from=registered_from)
         session.add(user)
         session.flush()
         return user
@@ -143,8 +174,14 @@ def add_user(store: Store, name: str, roles: set[Role], *, password: str,
 
 
 def register_user(store: Store, name: str, email: str, password: str,
-                  roles: set[Role]) -> User:
-    """Self-service registration: researcher and/or volunteer, never admin."""
+                  roles: set[Role], *, address: str | None = None,
+                  now: float | None = None) -> User:
+    """Self-service registration: researcher and/or volunteer, never admin.
+
+    ``address`` is the visitor's (None for the portal's own machine); at most
+    ``MAX_REGISTRATIONS_PER_ADDRESS`` accounts are registered from one address per
+    ``REGISTRATION_WINDOW_SECONDS``.
+    """
     roles = {Role(r) for r in roles}
     if not roles:
         raise InvalidRequest("choose a role: researcher, volunteer or both")
@@ -152,17 +189,33 @@ def register_user(store: Store, name: str, email: str, password: str,
         raise Forbidden("the admin role is granted only from the command line")
     if not email.strip():
         raise InvalidRequest("an email address is required")
-    user = create_user(store, name.strip().lower(), roles, email=email,
-                       password_hash=hash_password(password))
+    name = name.strip().lower()
+    if name in RESERVED_NAMES:
+        raise InvalidRequest(f"the user name {name!r} is reserved; choose another")
+    address = (address or LOCAL_ADDRESS)[:64]
+    now = time.time() if now is None else now
+    with store.session() as session:
+        recent = session.execute(select(func.count()).select_from(User).where(
+            User.registered_from == address,
+            User.created_at > now - REGISTRATION_WINDOW_SECONDS)).scalar_one()
+    if recent >= MAX_REGISTRATIONS_PER_ADDRESS:
+        logger.warning("registration: refused from %s (%d accounts in the window)", address, recent)
+        raise InvalidRequest(
+            f"too many accounts were registered from your address in the last "
+            f"{REGISTRATION_WINDOW_SECONDS // 60} minutes; try again later, or ask an admin")
+    user = create_user(store, name, roles, email=email, password_hash=hash_password(password),
+                       registered_from=address)
     logger.info("user %s: registered with roles %s", user.name, user.roles)
     return user
 
 
 def _view(user: User) -> UserView:
+    local = user.name == LOCAL_ADMIN and not user.password_hash
     return UserView(name=user.name, email=user.email, roles=sorted(user.role_set),
                     disabled=bool(user.disabled),
                     created_at=datetime.fromtimestamp(user.created_at, timezone.utc)
-                    .isoformat(timespec="seconds"))
+                    .isoformat(timespec="seconds"),
+                    note=LOCAL_ADMIN_NOTE if local else "")
 
 
 def list_users(store: Store, actor: User) -> list[UserView]:
@@ -173,16 +226,42 @@ def list_users(store: Store, actor: User) -> list[UserView]:
 
 
 def disable_user(store: Store, actor: User, name: str) -> None:
-    """Disable an account: it can no longer sign in or act. Admins only; not oneself."""
+    """Disable an account: it can no longer sign in or act, and its sessions end. Admins
+    only; not oneself."""
     require_role(actor, Role.ADMIN)
     if name == actor.name:
         raise InvalidRequest("you cannot disable your own account")
     with store.session() as session:
-        user = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
-        if user is None:
-            raise NotFound(f"no user named {name!r}")
+        user = _by_name(session, name)
         user.disabled = True
+        user.sessions_valid_after = time.time()
     logger.info("user %s: disabled by %s", name, actor.name)
+
+
+def enable_user(store: Store, actor: User, name: str) -> None:
+    """Enable a disabled account again; it signs in anew (its old sessions stay ended)."""
+    require_role(actor, Role.ADMIN)
+    with store.session() as session:
+        _by_name(session, name).disabled = False
+    logger.info("user %s: enabled by %s", name, actor.name)
+
+
+def grant_role(store: Store, actor: User, name: str, role: Role) -> User:
+    """Give an account one more role (admins only; the admin role too)."""
+    require_role(actor, Role.ADMIN)
+    role = Role(role)
+    with store.session() as session:
+        user = _by_name(session, name)
+        user.roles = ",".join(sorted(user.role_set | {role.value}))
+    logger.info("user %s: granted the %s role by %s", name, role.value, actor.name)
+    return user
+
+
+def _by_name(session, name: str) -> User:
+    user = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
+    if user is None:
+        raise NotFound(f"no user named {name!r}")
+    return user
 
 
 # -- signing in ------------------------------------------------------------------------
@@ -239,6 +318,24 @@ def authenticate(store: Store, name: str, password: str) -> User:
         raise Forbidden(f"the account {name!r} is disabled")
     clear_login_failures(store, name)
     return user
+
+
+def end_sessions(store: Store, name: str, now: float | None = None) -> None:
+    """Sign ``name`` out everywhere: every session and sign-in cookie issued until now stops
+    signing in (``session_current``). The portal's Sign out calls this."""
+    with store.session() as session:
+        user = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
+        if user is not None:
+            user.sessions_valid_after = time.time() if now is None else now
+    logger.info("user %s: signed out; earlier sessions end", name)
+
+
+def session_current(store: Store, name: str, issued_at: float) -> bool:
+    """Whether a session or cookie of ``name`` issued at ``issued_at`` may still sign in: the
+    account exists, is enabled, and has not signed out (or been disabled) since."""
+    with store.session() as session:
+        user = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
+    return user is not None and not user.disabled and issued_at > (user.sessions_valid_after or 0.0)
 
 
 def signed_in_user(store: Store, name: str) -> User:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class Base(DeclarativeBase):
@@ -35,6 +35,11 @@ class User(Base):
     roles: Mapped[str] = mapped_column(String(64), default="researcher")
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float)
+    # Sessions and sign-in cookies issued before this time no longer sign in: signing out
+    # (or being disabled) ends every earlier session on the server, not only in one browser.
+    sessions_valid_after: Mapped[float] = mapped_column(Float, default=0.0)
+    # The client address of a self-service registration (its rate limit counts by it).
+    registered_from: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     @property
     def role_set(self) -> frozenset[str]:

@@ -102,7 +102,7 @@ def submit_project(store: Store, settings: Settings, actor: User, *, title: str,
         raise InvalidRequest("comparison must be 'exact' or 'numeric'")
     if not 0 <= float(tolerance) < 1:
         raise InvalidRequest("tolerance must be a relative tolerance between 0 and 1")
-    title = (title or script_name).strip()[:200]
+    title = one_line(title or script_name)[:200] or one_line(script_name)[:200]
     with store.session() as session:
         project = Project(
             title=title, description=description, owner_id=actor.id,
@@ -126,6 +126,13 @@ def submit_project(store: Store, settings: Settings, actor: User, *, title: str,
         project_id = project.id
     logger.info("project %s: submitted by %s (%d rows)", project_id, actor.name, len(dataset))
     return project_id
+
+
+def one_line(text: str) -> str:
+    """``text`` as one line of plain text: whitespace runs (newlines included) become one
+    space, and control and format characters go. A title is shown inside other text, where
+    a newline could start a heading or a list."""
+    return " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())
 
 
 def _iso(ts: float | None) -> str | None:

@@ -190,7 +190,17 @@ def _node_health(session: Session) -> None:
         session.execute(text("ALTER TABLE projects ADD COLUMN rows_trusted INTEGER NOT NULL DEFAULT 0"))
 
 
-_MIGRATIONS = {2: _index_failed_rows_only, 3: _node_health}
+def _account_sessions(session: Session) -> None:
+    """Version 4: signing out ends a user's sessions on the server; registrations remember
+    their client address (for the registration rate limit)."""
+    existing = {c["name"] for c in inspect(session.connection()).get_columns("users")}
+    for column, kind in (("sessions_valid_after", "FLOAT NOT NULL DEFAULT 0"),
+                         ("registered_from", "VARCHAR(64)")):
+        if column not in existing:
+            session.execute(text(f"ALTER TABLE users ADD COLUMN {column} {kind}"))
+
+
+_MIGRATIONS = {2: _index_failed_rows_only, 3: _node_health, 4: _account_sessions}
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

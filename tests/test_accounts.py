@@ -138,3 +138,111 @@ def test_cli_adds_lists_and_disables_users(settings, store):
     assert json.loads(cli(settings, "user", "list", "--json").stdout)[1]["disabled"] is True
     assert cli(settings, "user", "disable", "nobody").returncode == 3
     assert "password" not in cli(settings, "user", "list").stdout
+
+
+# -- the command line's own account, reserved names ---------------------------------------
+
+
+@pytest.mark.parametrize("name", ["admin", "Admin", "head", "unclaimed", "operator"])
+def test_registration_refuses_reserved_names(store, name):
+    with pytest.raises(InvalidRequest, match="reserved"):
+        accounts.register_user(store, name, "x@x.org", "long enough", {Role.VOLUNTEER})
+    with pytest.raises(NotFound):
+        accounts.get_user(store, name.lower())
+
+
+def test_the_engine_names_of_parties_cannot_be_user_names_at_all(store):
+    # A volunteer called "head" would be the operator's trusted party: their results would
+    # settle rows without replication.
+    with pytest.raises(InvalidRequest, match="reserved"):
+        accounts.add_user(store, "head", {Role.VOLUNTEER}, password="long enough")
+
+
+def test_the_local_admin_is_an_admin_without_a_password(store):
+    admin = accounts.local_admin(store)
+    assert admin.name == accounts.LOCAL_ADMIN and admin.role_set == {"admin", "researcher"}
+    with pytest.raises(Forbidden, match="wrong user name or password"):
+        accounts.authenticate(store, "admin", "")
+    assert "admin" not in accounts.login_credentials(store)["usernames"]
+    [view] = accounts.list_users(store, admin)
+    assert "command line's own account" in view.note
+
+
+def test_an_admin_name_someone_registered_is_not_acted_for(store):
+    # As a database from before the name was reserved may hold it.
+    accounts.create_user(store, "admin", {Role.RESEARCHER}, password_hash=accounts.hash_password("x" * 8))
+    with pytest.raises(Forbidden, match="not the command line's own account"):
+        accounts.local_admin(store)
+
+
+def test_disabled_accounts_can_be_enabled_and_roles_granted(store):
+    root = accounts.add_user(store, "root", {Role.ADMIN}, password="long enough")
+    ada = accounts.register_user(store, "ada", "a@x.org", "long enough", {Role.RESEARCHER})
+    accounts.disable_user(store, root, "ada")
+    with pytest.raises(Forbidden):
+        accounts.enable_user(store, ada, "ada")
+    accounts.enable_user(store, root, "ada")
+    assert accounts.authenticate(store, "ada", "long enough").name == "ada"
+    accounts.grant_role(store, root, "ada", Role.VOLUNTEER)
+    assert accounts.get_user(store, "ada").role_set == {"researcher", "volunteer"}
+    with pytest.raises(NotFound):
+        accounts.enable_user(store, root, "nobody")
+
+
+# -- sessions, registration limit ---------------------------------------------------------
+
+
+def test_signing_out_ends_every_earlier_session(store):
+    accounts.register_user(store, "ada", "a@x.org", "long enough", {Role.RESEARCHER})
+    issued = time.time()
+    assert accounts.session_current(store, "ada", issued)
+    accounts.end_sessions(store, "ada", now=issued + 1)
+    assert not accounts.session_current(store, "ada", issued)      # a cookie from before
+    assert accounts.session_current(store, "ada", issued + 2)      # a new sign-in
+    assert not accounts.session_current(store, "nobody", issued)
+
+
+def test_disabling_ends_sessions_and_enabling_does_not_revive_them(store):
+    root = accounts.add_user(store, "root", {Role.ADMIN}, password="long enough")
+    accounts.register_user(store, "ada", "a@x.org", "long enough", {Role.RESEARCHER})
+    issued = time.time() - 1
+    accounts.disable_user(store, root, "ada")
+    assert not accounts.session_current(store, "ada", issued)
+    accounts.enable_user(store, root, "ada")
+    assert not accounts.session_current(store, "ada", issued)
+    assert accounts.session_current(store, "ada", time.time() + 1)
+
+
+def test_registrations_are_limited_per_address(store):
+    limit = accounts.MAX_REGISTRATIONS_PER_ADDRESS
+    for i in range(limit):
+        accounts.register_user(store, f"u{i}", f"u{i}@x.org", "long enough", {Role.VOLUNTEER},
+                               address="203.0.113.7")
+    with pytest.raises(InvalidRequest, match="too many accounts"):
+        accounts.register_user(store, "one-more", "m@x.org", "long enough", {Role.VOLUNTEER},
+                               address="203.0.113.7")
+    # Another address, and the same address once the window has passed, may register.
+    accounts.register_user(store, "elsewhere", "e@x.org", "long enough", {Role.VOLUNTEER},
+                           address="198.51.100.1")
+    accounts.register_user(store, "later", "l@x.org", "long enough", {Role.VOLUNTEER},
+                           address="203.0.113.7",
+                           now=time.time() + accounts.REGISTRATION_WINDOW_SECONDS + 1)
+
+
+def test_a_version_3_database_gets_account_sessions(store, settings):
+    from sqlalchemy import text
+
+    from engine.models import SCHEMA_VERSION
+    from engine.store import Store
+
+    accounts.register_user(store, "ada", "a@x.org", "long enough", {Role.RESEARCHER})
+    with store.session() as session:
+        for column in ("sessions_valid_after", "registered_from"):
+            session.execute(text(f"ALTER TABLE users DROP COLUMN {column}"))
+        session.execute(text("UPDATE meta SET value = '3' WHERE key = 'schema_version'"))
+    migrated = Store(settings)
+    assert migrated.schema_version() == SCHEMA_VERSION
+    assert accounts.session_current(migrated, "ada", time.time())
+    accounts.end_sessions(migrated, "ada")
+    assert not accounts.session_current(migrated, "ada", time.time() - 1)
+    migrated.engine.dispose()
