@@ -86,6 +86,9 @@ class Settings:
         1.0, "Work per batch that adaptive batching aims at, in seconds.")
     row_timeout: float = _setting(
         60.0, "Seconds one row may run before it fails.")
+    import_timeout: float = _setting(
+        60.0, "Seconds a research script's top-level code may run while it is imported before "
+              "its project fails (the sandbox's own start is timed apart).")
     max_upload_mb: int = _setting(
         200, "Largest dataset upload, in MB (portal and engine).")
     max_script_kb: int = _setting(

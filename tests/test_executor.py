@@ -225,3 +225,30 @@ def test_cpu_backstop_is_set_per_batch_under_a_lifetime_hard_limit():
     soft, hard = json.loads(outcome.results[0].output)
     assert hard == sandbox._CPU_LIFETIME_SECONDS
     assert 10 * 2 <= soft <= 10 * 2 + 5  # ten rows of 2 s, plus slack
+
+
+# -- the script's import and the sandbox's start are timed apart -------------------------
+
+def test_a_script_that_hangs_while_imported_fails_at_the_import_time_limit():
+    hangs = "import time\ntime.sleep(600)\n\ndef main(row):\n    return 1\n"
+    limits = Limits(row_timeout=2.0, import_timeout=1.0)
+    outcome = run_rows(hangs, "hangs.py", ["x"], [(0, [0]), (1, [1])], limits)
+    assert outcome.results == []
+    assert outcome.script_error == ("ImportTimeout: the script's top-level code was still "
+                                    "running after 1 s (the import time limit)")
+    assert executor._pool._children == {}  # its child was ended, not kept
+
+
+def test_a_script_that_ends_its_process_while_imported_is_the_scripts_failure():
+    # Not "the sandbox did not start": the sandbox did, the script ended it.
+    outcome = run("exits_on_import.py", [0])
+    assert outcome.results == []
+    assert outcome.script_error == ("SystemExit: the script ended its process while being "
+                                    "imported (exit code 3)")
+
+
+def test_a_sandbox_that_does_not_start_is_the_nodes_problem(monkeypatch):
+    executor.sandbox_status()  # the self-test passed here; then bubblewrap starts failing
+    monkeypatch.setattr(sandbox, "bwrap_argv", lambda *args, **kwargs: ["bwrap", "--no-such-option"])
+    with pytest.raises(executor.SandboxUnavailable, match="the sandbox did not start"):
+        run("square.py", [1])

@@ -8,9 +8,14 @@ Protocol. The parent writes length-prefixed pickles to IN_FD (the parent is trus
 the child answers with JSON lines on OUT_FD (the child is not trusted, so the parent
 never unpickles what it sends):
 
-  parent -> {"source", "filename", "limits"}          child -> {"t": "ready"} | {"t": "script_error", ...}
+  parent -> {"source", "filename", "limits"}          child -> {"t": "started"}, then
+                                                       {"t": "ready"} | {"t": "script_error", ...}
   parent -> {"columns", "rows": [(index, values)], "isolate", "timeout"}
                                                        child -> {"t": "results", "r": [...]} ... {"t": "done"[, "recycle": why]}
+
+"started" comes once the limits are applied, before the script is compiled: it tells the
+sandbox not starting (the node's problem) apart from a script whose import never ends
+(its own; the parent's import time limit runs from "started").
 
 Each result is ``[row_index, ok, output_json_or_error, traceback, cpu_seconds]``.
 Results are flushed every 50 ms, or after every row in isolate mode, which the parent
@@ -225,6 +230,7 @@ def main(in_fd, out_fd):
     # Only inside bubblewrap's PID namespace is killing "every other process" safe.
     in_namespace = bool(limits.get("pid_namespace")) and own_pid == "2"
     _apply_limits(limits)
+    send({"t": "started"})
     filename = init["filename"]
     source = init["source"]
     # Tracebacks show the script's own lines, although it has no file on this node.

@@ -235,16 +235,39 @@ class _Child:
         if sandboxed:
             child_limits.update(uid=sandbox.sandbox_uid(), pid_namespace=True)
         self._send({"source": source, "filename": filename, "limits": child_limits})
-        deadline = time.monotonic() + max(_STARTUP_SECONDS, limits.row_timeout)
-        message = self._next_message(deadline)
-        if message is None or message.get("t") not in ("ready", "script_error"):
+        try:
+            self._start(limits.import_timeout)
+        except BaseException:
+            self.close()  # a cancelled batch, or a sandbox that did not start
+            raise
+
+    def _start(self, import_timeout: float) -> None:
+        # Two limits, two culprits: the child says "started" once the sandbox is up and its
+        # limits are applied, before it compiles the script. Not starting is the node's
+        # problem; a script whose top-level code does not finish is the script's.
+        message = self._next_message(time.monotonic() + _STARTUP_SECONDS)
+        if message is None or message.get("t") != "started":
             self.close()
-            if sandboxed:
+            if self._sandboxed:
                 raise SandboxUnavailable(
                     f"the sandbox did not start ({self._exit_text()}); check that bubblewrap works here")
             raise RuntimeError(f"the worker process did not start ({self._exit_text()})")
-        if message["t"] == "script_error":
+        message = self._next_message(time.monotonic() + import_timeout)
+        kind = message.get("t") if message is not None else self.failure
+        if kind == "ready":
+            return
+        if kind == "script_error":
             self.script_error = (str(message.get("error")), _str_or_none(message.get("traceback")))
+        elif kind == "timeout":
+            self.script_error = (f"ImportTimeout: the script's top-level code was still running after "
+                                 f"{import_timeout:g} s (the import time limit)", None)
+        elif kind == "eof":
+            self.script_error = (f"SystemExit: the script ended its process while being imported "
+                                 f"({self._exit_text()})", None)
+        else:
+            self.script_error = ("SandboxError: the script wrote to the engine's result pipe while "
+                                 "being imported", None)
+        self.close()
 
     def _send(self, message: dict) -> bool:
         payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)

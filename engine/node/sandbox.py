@@ -50,6 +50,9 @@ class Limits:
     """What one child may use. Build it with ``Limits.from_settings`` (or ``clamped``)."""
 
     row_timeout: float = 60.0
+    # How long the script's top-level code may run while it is imported (the sandbox's own
+    # start has a limit of its own, in the executor).
+    import_timeout: float = 60.0
     memory_bytes: int = 2 << 30
     output_bytes: int = 10 << 20
     file_bytes: int = 64 << 20
@@ -82,6 +85,7 @@ class Limits:
                       **overrides: Any) -> "Limits":
         """The node-wide defaults from ``settings`` with a project's overrides, capped by the admin maxima."""
         defaults = cls(row_timeout=float(settings.row_timeout),
+                       import_timeout=float(settings.import_timeout),
                        memory_bytes=settings.memory_limit_mb << 20,
                        output_bytes=settings.output_limit_mb << 20,
                        file_bytes=settings.file_limit_mb << 20,
