@@ -1,5 +1,6 @@
 """The executor runs research code in a sandboxed child; these run it for real under bubblewrap."""
 
+import dataclasses
 import json
 import os
 
@@ -72,12 +73,40 @@ def test_process_exit_mid_batch_keeps_done_rows_and_names_the_culprit():
         "WorkerCrashed: the process running this row exited unexpectedly (exit code 0)"
 
 
+def warm_pid(source, filename, limits=LIMITS):
+    """The pid of the warm child that would run ``source`` under ``limits``, or None."""
+    child = executor._pool._children.get((limits.project, source, filename, limits))
+    return child.process.pid if child is not None else None
+
+
 def test_child_stays_warm_across_batches():
     source = fixture_bytes("square.py").decode()
     run_rows(source, "square.py", ["x"], [(0, [1])], LIMITS)
-    first = executor._pool._children[(source, "square.py", LIMITS)].process.pid
+    first = warm_pid(source, "square.py")
     run_rows(source, "square.py", ["x"], [(1, [2])], LIMITS)
-    assert executor._pool._children[(source, "square.py", LIMITS)].process.pid == first
+    assert warm_pid(source, "square.py") == first
+
+
+def test_a_warm_child_serves_one_project_only():
+    # Two researchers submit the same file; it memoises rows in a module-level dict.
+    source = fixture_bytes("memoises.py").decode()
+    mine, theirs = (dataclasses.replace(LIMITS, project=p) for p in (1, 2))
+    first = run_rows(source, "memoises.py", ["x", "secret"],
+                     [(i, [i, f"one-{i}"]) for i in range(3)], mine)
+    second = run_rows(source, "memoises.py", ["x", "secret"],
+                      [(i, [i, f"two-{i}"]) for i in range(3)], theirs)
+    assert [json.loads(r.output) for r in first.results] == ["one-0", "one-1", "one-2"]
+    assert [json.loads(r.output) for r in second.results] == ["two-0", "two-1", "two-2"]
+    assert warm_pid(source, "memoises.py", mine) != warm_pid(source, "memoises.py", theirs)
+    # The same project's next batch does get its warm child back (and its memo).
+    again = run_rows(source, "memoises.py", ["x", "secret"], [(0, [0, "one-again"])], mine)
+    assert json.loads(again.results[0].output) == "one-0"
+
+
+def test_a_project_s_limits_name_their_project():
+    settings = Settings(row_timeout=30)
+    assert Limits.from_settings(settings, project=7).project == 7
+    assert Limits.from_settings(settings).project is None
 
 
 # -- limits: settings, project overrides, admin maxima --------------------------------
@@ -196,12 +225,12 @@ THREAD_LEFT = ("import threading, time\n"
 
 def test_a_thread_left_running_replaces_the_child_after_the_batch():
     run_rows(THREAD_LEFT, "t.py", ["x"], [(0, [0])], LIMITS)
-    first = executor._pool._children[(THREAD_LEFT, "t.py", LIMITS)].process.pid
+    first = warm_pid(THREAD_LEFT, "t.py")
     outcome = run_rows(THREAD_LEFT, "t.py", ["x"], [(1, [1]), (2, [2])], LIMITS)
     assert [r.succeeded for r in outcome.results] == [True, True]
-    assert (THREAD_LEFT, "t.py", LIMITS) not in executor._pool._children
+    assert warm_pid(THREAD_LEFT, "t.py") is None
     run_rows(THREAD_LEFT, "t.py", ["x"], [(3, [3])], LIMITS)
-    assert executor._pool._children[(THREAD_LEFT, "t.py", LIMITS)].process.pid != first
+    assert warm_pid(THREAD_LEFT, "t.py") not in (None, first)
 
 
 def test_a_forged_done_message_cannot_lose_rows():

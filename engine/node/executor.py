@@ -20,6 +20,7 @@ unless ``Limits.allow_unsandboxed`` says otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from engine.node import sandbox
 from engine.node.result import RowResult
@@ -66,36 +67,39 @@ class Outcome:
 
 def run_rows(source: str, filename: str, columns: Sequence[str],
              rows: Sequence[tuple[int, Sequence[Any]]], limits: Limits, *,
-             plain: bool = False, keep_warm: bool = True) -> Outcome:
+             plain: bool = False, keep_warm: bool = True, pool: "Pool | None" = None) -> Outcome:
     """Run ``main`` over ``rows`` (pairs of row index and values) in a sandboxed child.
 
     Raises ``SandboxUnavailable`` when the sandbox does not work on this node (and the
     limits do not allow running without it): the caller retries the batch elsewhere.
     With ``plain``, results are plain tuples in ``RowResult``'s field order: a million-row
     project's nodes build and pickle those several times faster. Without ``keep_warm``
-    the child is ended afterwards (a one-off, such as the node check).
+    the child is ended afterwards (a one-off, such as the node check). ``pool`` is where
+    the child comes from: this process's own by default (a Ray worker runs one batch at a
+    time); a caller that may run concurrently with others brings its own (``private_pool``).
     """
+    pool = _pool if pool is None else pool
     outcome = Outcome()
     pending = list(rows)
     isolate = False
     child = None
     while pending:
-        child = _pool.get(source, filename, limits)
+        child = pool.get(source, filename, limits)
         if child.script_error is not None:
-            _pool.discard(child)
+            pool.discard(child)
             outcome.script_error, outcome.script_traceback = child.script_error
             return outcome
         try:
             received, end = child.run(columns, pending, isolate, limits.row_timeout)
         except BaseException:
             # Interrupted mid-batch (a cancelled Ray task): the child still holds rows.
-            _pool.discard(child)
+            pool.discard(child)
             raise
         outcome.results.extend(received)
         pending = pending[len(received):]
         if end == "done":
             break
-        _pool.discard(child)
+        pool.discard(child)
         if end in ("timeout", "recycle"):
             continue  # the child reported its rows itself and exited
         if not pending:
@@ -108,7 +112,7 @@ def run_rows(source: str, filename: str, columns: Sequence[str],
         index, _values = pending.pop(0)
         outcome.results.append((index, False, None, end, None, 0.0))
     if not keep_warm and child is not None:
-        _pool.discard(child)
+        pool.discard(child)
     if not plain:
         outcome.results = list(map(RowResult._make, outcome.results))
     return outcome
@@ -159,6 +163,7 @@ def _self_test() -> str:
     child = None
     try:
         child = _Child(_PROBE, "sandbox-probe.py", Limits(row_timeout=30.0), probe=True)
+        child.start()
         if child.script_error is not None:
             return f"unavailable: the probe failed: {child.script_error[0]}"
         results, end = child.run(["x"], [(0, [0])], False, 30.0)
@@ -207,8 +212,16 @@ def _set_parent_death_signal() -> None:
 
 
 class _Child:
-    def __init__(self, source: str, filename: str, limits: Limits, probe: bool = False):
+    """One sandboxed child: started by ``__init__`` (fast), ready after ``start()``.
+
+    Only the thread that owns it reads, writes and closes it; any thread may ``kill()`` it.
+    """
+
+    def __init__(self, source: str, filename: str, limits: Limits, probe: bool = False,
+                 uid_slot: int = 0):
         self.script_error: tuple[str, str | None] | None = None
+        self._import_timeout = limits.import_timeout
+        self._kill_lock = threading.Lock()
         self.recycle: str | None = None
         sandboxed = limits.sandbox == "bwrap"
         if sandboxed and not probe and not sandbox_available():
@@ -233,10 +246,13 @@ class _Child:
         self._max_line = limits.output_bytes * 2 + (1 << 20)
         child_limits = limits.for_child()
         if sandboxed:
-            child_limits.update(uid=sandbox.sandbox_uid(), pid_namespace=True)
+            child_limits.update(uid=sandbox.sandbox_uid(uid_slot), pid_namespace=True)
         self._send({"source": source, "filename": filename, "limits": child_limits})
+
+    def start(self) -> None:
+        """Wait until the script is imported: ready, or ``script_error`` says why not."""
         try:
-            self._start(limits.import_timeout)
+            self._start(self._import_timeout)
         except BaseException:
             self.close()  # a cancelled batch, or a sandbox that did not start
             raise
@@ -398,14 +414,20 @@ class _Child:
             return f"WorkerCrashed: the process running this row died: {reason}"
         return f"WorkerCrashed: the process running this row exited unexpectedly (exit code {code})"
 
+    def kill(self) -> None:
+        """End the child now, from any thread; its owner then reads the end of its pipe."""
+        with self._kill_lock:
+            if self.process.returncode is None:
+                try:
+                    # Killing bubblewrap kills its init (--die-with-parent), and with the
+                    # init the kernel kills everything left in the sandbox's PID namespace.
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
     def close(self) -> None:
         if self.process.poll() is None:
-            try:
-                # Killing bubblewrap kills its init (--die-with-parent), and with the
-                # init the kernel kills everything left in the sandbox's PID namespace.
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self.kill()
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -434,36 +456,95 @@ def _parse_result(item: Any, expected_index: int | None) -> tuple | None:
             float(item[4]))
 
 
-class _Pool:
-    """Warm children of this process, one per (script, limits), least recently used first out."""
+class Pool:
+    """Warm children, one per (project, script, limits), the least recently used out first.
 
-    def __init__(self) -> None:
+    A child serves one project only: research code can keep anything in its module globals
+    or its /tmp, and the next batch it runs must be the same project's. A Ray worker runs
+    one batch at a time and uses this process's pool; callers that run concurrently in one
+    process (the portal's trial runs) each use a pool of their own (``private_pool``), so
+    that no two of them ever share a child's pipes or its process limit.
+    """
+
+    def __init__(self, capacity: int = _WARM_CHILDREN, uid_slot: int = 0) -> None:
         self._children: OrderedDict[tuple, _Child] = OrderedDict()
+        self._starting: set[_Child] = set()
+        self._lock = threading.Lock()
+        self._capacity = capacity
+        self.uid_slot = uid_slot
+        self.killed = False
 
     def get(self, source: str, filename: str, limits: Limits) -> _Child:
-        key = (source, filename, limits)
-        child = self._children.get(key)
-        if child is not None and child.process.poll() is None:
-            self._children.move_to_end(key)
-            return child
+        key = (limits.project, source, filename, limits)
+        with self._lock:
+            child = self._children.get(key)
+            if child is not None and child.process.poll() is None:
+                self._children.move_to_end(key)
+                return child
+            if child is not None:
+                del self._children[key]
+            # Started under the lock, so that kill() also reaches a child still importing.
+            fresh = _Child(source, filename, limits, uid_slot=self.uid_slot)
+            self._starting.add(fresh)
+            if self.killed:
+                fresh.kill()
         if child is not None:
-            self.discard(child)
-        child = _Child(source, filename, limits)
-        self._children[key] = child
-        while len(self._children) > _WARM_CHILDREN:
-            _, oldest = self._children.popitem(last=False)
+            child.close()
+        try:
+            fresh.start()
+        finally:
+            with self._lock:
+                self._starting.discard(fresh)
+        with self._lock:
+            self._children[key] = fresh
+            evicted = []
+            while len(self._children) > self._capacity:
+                evicted.append(self._children.popitem(last=False)[1])
+        for oldest in evicted:
             oldest.close()
-        return child
+        return fresh
 
     def discard(self, child: _Child) -> None:
-        for key, value in list(self._children.items()):
-            if value is child:
-                del self._children[key]
+        with self._lock:
+            for key, value in list(self._children.items()):
+                if value is child:
+                    del self._children[key]
         child.close()
 
     def close_all(self) -> None:
         for child in list(self._children.values()):
             self.discard(child)
 
+    def kill(self) -> None:
+        """End every child of this pool now, from any thread (a trial whose session ended):
+        the rows running there fail, and whatever the pool would start next is killed too."""
+        with self._lock:
+            self.killed = True
+            for child in [*self._children.values(), *self._starting]:
+                child.kill()
 
-_pool = _Pool()
+
+_slots_lock = threading.Lock()
+_slots_taken: set[int] = set()
+
+
+@contextlib.contextmanager
+def private_pool() -> Iterator[Pool]:
+    """A pool of one child for one caller alone, with a sandbox uid (and so a process
+    limit) of its own; its child is ended on leaving."""
+    with _slots_lock:
+        free = [n for n in range(1, sandbox.UID_SLOTS) if n not in _slots_taken]
+        if not free:
+            raise RuntimeError(f"{sandbox.UID_SLOTS - 1} private sandboxes are in use in this process")
+        slot = free[0]
+        _slots_taken.add(slot)
+    pool = Pool(capacity=1, uid_slot=slot)
+    try:
+        yield pool
+    finally:
+        pool.close_all()
+        with _slots_lock:
+            _slots_taken.discard(slot)
+
+
+_pool = Pool()

@@ -33,6 +33,10 @@ from typing import Any, Sequence
 # as symlinks.
 _SYSTEM_PATHS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _SANDBOX_UID_BASE = 1_000_000
+# Linux pids stay below 2**22 (the largest pid_max), so base + slot * 2**22 + pid never
+# repeats across processes and slots. 256 slots keep every uid below 2**31.
+_PID_SPAN = 1 << 22
+UID_SLOTS = 256
 # The hard RLIMIT_CPU of one warm child, over all its batches. Raising a hard limit needs
 # CAP_SYS_RESOURCE, which the child never has (and which this machine's container denies
 # even to the root parent, so prlimit from outside fails too): the limit cannot be
@@ -60,6 +64,9 @@ class Limits:
     processes: int = 64
     sandbox: str = "bwrap"
     hidden_paths: tuple[str, ...] = ()
+    # The project these rows belong to: a warm child serves one project only (None: rows of
+    # no project, such as the node check). Not a limit, but part of what keys a child.
+    project: int | None = None
     # Run research code without the sandbox when bubblewrap does not work on the node.
     # Only an admin setting may turn this on.
     allow_unsandboxed: bool = False
@@ -82,7 +89,7 @@ class Limits:
 
     @classmethod
     def from_settings(cls, settings: Any, *, hidden_paths: Sequence[str] = (),
-                      **overrides: Any) -> "Limits":
+                      project: int | None = None, **overrides: Any) -> "Limits":
         """The node-wide defaults from ``settings`` with a project's overrides, capped by the admin maxima."""
         defaults = cls(row_timeout=float(settings.row_timeout),
                        import_timeout=float(settings.import_timeout),
@@ -92,7 +99,7 @@ class Limits:
                        open_files=settings.open_files_limit,
                        processes=settings.process_limit,
                        sandbox=settings.sandbox,
-                       hidden_paths=tuple(hidden_paths),
+                       hidden_paths=tuple(hidden_paths), project=project,
                        allow_unsandboxed=settings.allow_unsandboxed)
         # Only time, memory and output size may be raised per project; the rest protect
         # the node itself and stay at the node's setting.
@@ -126,14 +133,17 @@ def runs_as_root() -> bool:
     return os.geteuid() == 0
 
 
-def sandbox_uid() -> int | None:
+def sandbox_uid(slot: int = 0) -> int | None:
     """The unprivileged uid research code runs as, or None when this node is not root.
 
-    One uid per calling process (a Ray worker), so that the process limit, which the
-    kernel counts per uid, is this worker's sandbox's alone. Non-root nodes keep their
-    own uid: there ``RLIMIT_NPROC`` already applies.
+    One uid per calling process (a Ray worker) and ``slot`` (a private sandbox of that
+    process, such as one trial run in the portal), so that the process limit, which the
+    kernel counts per uid, is that sandbox's alone. Non-root nodes keep their own uid:
+    there ``RLIMIT_NPROC`` already applies.
     """
-    return _SANDBOX_UID_BASE + os.getpid() if runs_as_root() else None
+    if not 0 <= slot < UID_SLOTS:
+        raise ValueError(f"no sandbox uid slot {slot}")
+    return _SANDBOX_UID_BASE + slot * _PID_SPAN + os.getpid() if runs_as_root() else None
 
 
 def python_paths() -> list[str]:
