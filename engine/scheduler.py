@@ -382,7 +382,7 @@ class Dispatcher:
                 # by the admin maxima.
                 limits=Limits.from_settings(
                     self.settings, hidden_paths=(str(self.settings.data_path),),
-                    row_timeout=project.row_timeout,
+                    project=project_id, row_timeout=project.row_timeout,
                     memory_bytes=(project.memory_limit_mb or self.settings.memory_limit_mb) << 20,
                     output_bytes=(project.output_limit_mb or self.settings.output_limit_mb) << 20),
                 source_ref=ray.put(project.script_source),
