@@ -1,9 +1,18 @@
 """Credit: the rule, written once, and the leaderboard.
 
-The rule (shown on the Leaderboard page as ``CREDIT_RULE``): every accepted result earns
-the same credit whichever node produced it, namely its project's median measured CPU
-seconds per accepted result. Accepted means succeeded and verified: in a replicated
-project, each volunteer's replica on the winning side of a verified row earns.
+The rule (shown on the Leaderboard page as ``CREDIT_RULE``; docs/credit.md explains it):
+every accepted result earns the same credit whichever node produced it, namely its
+project's median measured CPU seconds per accepted result, and at least one microsecond.
+Accepted means succeeded and verified: in a replicated project, each volunteer's replica
+on the winning side of a verified row earns.
+
+The unit is one CPU second of verified work, kept to the microsecond (6 decimals). A row's
+CPU time is measured on the node outside the sandbox, from the kernel's count for the
+process that ran it, shared out over its batch by wall time and capped at that wall time
+(``engine.node.executor._price``); nothing research code says about time reaches credit.
+The floor is what any verified row costs a node at the least (the Ray worker alone spends
+more than a microsecond on each row's result), so that every verified row visibly counts
+even when the median rounds below it.
 
 Reading a million tasks for every leaderboard view would be far too slow, so two small
 tables are derived from ``tasks`` and ``replicas`` by ``refresh`` (the dispatcher calls it
@@ -38,18 +47,26 @@ from engine.store import Store
 logger = logging.getLogger(__name__)
 
 CREDIT_RULE = (
-    "Every accepted result earns the same credit, whichever machine produced it: its "
-    "project's median measured CPU seconds per accepted result. A result is accepted when "
-    "the row succeeded and was verified: other volunteers' machines computed the same "
-    "result (or, for a volunteer with a long record of agreeing, a spot-checked single "
-    "run). Each volunteer whose result agreed earns. A faster machine finishes more rows "
-    "per hour and so earns more per hour; a machine cannot earn more by being slow or by "
-    "reporting longer times, because its own times are only a few of the many that make "
-    "the median. Unverified results, the work of the head and of the operator's trusted "
-    "machines, and unclaimed machines (whose signature does not verify) earn nothing. "
-    "Windows count whole hours: 24 h is the "
-    "current hour and the 24 before it."
+    "Credit is counted in CPU seconds of verified work, to the microsecond. Every accepted "
+    "result earns the same credit, whichever machine produced it: its project's median CPU "
+    "time per accepted result, and at least 0.000001 (one microsecond), so that every "
+    "verified row counts. A row's CPU time is measured by the volunteer's machine outside "
+    "the sandbox, from the operating system's count for the process that ran the research "
+    "code (never from anything that code reports), and is at most the row's wall time. A "
+    "result is accepted when the row succeeded and was verified: other volunteers' machines "
+    "computed the same result (or, for a volunteer with a long record of agreeing, a "
+    "spot-checked single run). Each volunteer whose result agreed earns. A faster machine "
+    "finishes more rows per hour and so earns more per hour; a machine cannot earn more by "
+    "being slow, because its own times are only a few of the many that make the median. "
+    "Unverified results, the work of the head and of the operator's trusted machines, and "
+    "unclaimed machines (whose signature does not verify) earn nothing. Windows count whole "
+    "hours: 24 h is the current hour and the 24 before it."
 )
+
+# The least an accepted result earns, in CPU seconds (see the module's docstring).
+CREDIT_FLOOR_SECONDS = 1e-6
+# Credit and CPU time are reported to the microsecond.
+CREDIT_DECIMALS = 6
 
 WINDOWS = {"24h": 24, "7d": 7 * 24, "all": None}
 
@@ -153,7 +170,9 @@ def _sum_project(store: Store, project_id: int, snapshot: str) -> None:
                  "last_finished": last}
                 for node_id, hour, completed, earned, cpu, last in rows])
         entry = session.get(ProjectCredit, project_id) or ProjectCredit(project_id=project_id)
-        entry.median_cpu_seconds, entry.accepted, entry.snapshot = median, accepted, snapshot
+        # What each accepted result earns: the median, at least the floor.
+        entry.median_cpu_seconds = max(median, CREDIT_FLOOR_SECONDS) if accepted else 0.0
+        entry.accepted, entry.snapshot = accepted, snapshot
         entry.refreshed_at = time.time()
         entry.refresh_seconds = time.perf_counter() - started
         session.merge(entry)
@@ -205,8 +224,8 @@ def leaderboard(store: Store, window: str = "all") -> list[LeaderboardRow]:
     for position, (volunteer, tasks, credit, cpu, nodes, last) in enumerate(rows, start=1):
         rank = board[-1].rank if board and round(board[-1].credit, 9) == round(credit, 9) else position
         board.append(LeaderboardRow(
-            rank=rank, volunteer=volunteer, credit=round(credit, 6), tasks=int(tasks),
-            cpu_seconds=round(cpu, 6), nodes=int(nodes),
+            rank=rank, volunteer=volunteer, credit=round(credit, CREDIT_DECIMALS), tasks=int(tasks),
+            cpu_seconds=round(cpu, CREDIT_DECIMALS), nodes=int(nodes),
             last_active=datetime.fromtimestamp(last, timezone.utc).isoformat(timespec="seconds")))
     return board
 

@@ -127,6 +127,26 @@ def test_every_agreeing_replica_earns(cluster_of, settings):
     assert (views["c1"].tasks_completed, views["b1"].tasks_completed) == (2, 2)
 
 
+def test_every_verified_row_visibly_counts(cluster_of, settings):
+    """Light rows: each earns its project's median, kept to the microsecond, and at least
+    one microsecond, so that neither 249 light rows nor one more shows as no credit."""
+    store = cluster_of
+    light = Rows(store, new_project(store, settings, rows=300))
+    light.store_on("a1", [6e-6] * 249)     # about what a trivial row measures (test_executor)
+    result = board(store)["alice"]
+    assert (result.tasks, result.credit) == (249, round(249 * 6e-6, credit.CREDIT_DECIMALS))
+    assert result.cpu_seconds == pytest.approx(249 * 6e-6)
+    light.store_on("a1", [6e-6])
+    assert board(store)["alice"].credit > result.credit
+    # Rows measured at nothing at all (a process whose clock could not be read) still earn
+    # the floor, what a verified row costs a node at the least.
+    unmeasured = Rows(store, new_project(store, settings))
+    unmeasured.store_on("b1", [0.0, 0.0, 0.0])
+    assert board(store)["bob"].credit == 3 * credit.CREDIT_FLOOR_SECONDS
+    assert "microsecond" in credit.CREDIT_RULE and "never from anything that code reports" in \
+        credit.CREDIT_RULE
+
+
 def test_reporting_longer_times_does_not_raise_credit(cluster_of, settings):
     store = cluster_of
     honest, inflated = new_project(store, settings), new_project(store, settings)

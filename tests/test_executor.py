@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import time
 
 import pytest
 
@@ -281,3 +282,78 @@ def test_a_sandbox_that_does_not_start_is_the_nodes_problem(monkeypatch):
     monkeypatch.setattr(sandbox, "bwrap_argv", lambda *args, **kwargs: ["bwrap", "--no-such-option"])
     with pytest.raises(executor.SandboxUnavailable, match="the sandbox did not start"):
         run("square.py", [1])
+
+
+# -- CPU time is measured by the parent, never taken from the child ----------------------
+
+def test_a_forged_result_line_claims_no_cpu_time():
+    source = fixture_bytes("hostile_forges_cpu.py").decode()
+    # One row per batch, as a project with batch size 1 sends them, so that the forged
+    # line and its "done" answer the whole batch.
+    outcomes = []
+    for index, target in enumerate(["", "forge", "", "forge"]):
+        started = time.monotonic()
+        outcome = run_rows(source, "forges.py", ["x", "target"], [(index, [index, target])], LIMITS)
+        outcomes.append((outcome.results[0], time.monotonic() - started))
+    for result, wall in outcomes:
+        assert result.cpu_seconds <= wall, result
+    plain, forged = [outcomes[0][0], outcomes[2][0]], [outcomes[1][0], outcomes[3][0]]
+    assert all(r.succeeded for r in plain)
+    # The old protocol's CPU field is no part of the protocol now: the line is refused.
+    assert all(r.error.startswith("SandboxError: the process running this row broke the result "
+                                  "protocol") for r in forged), forged
+
+
+def test_cpu_time_is_capped_at_the_rows_wall_time():
+    started = time.monotonic()
+    outcome = run("busy_threads.py", [0], Limits(row_timeout=60.0))
+    wall = time.monotonic() - started
+    result = outcome.results[0]
+    assert result.succeeded
+    # Four threads burned about 2 s of CPU; a row is credited at most its wall time.
+    assert 0 < result.cpu_seconds <= wall
+
+
+def row(index):
+    return (index, True, str(index), None, None)
+
+
+def test_a_batchs_cpu_is_shared_by_wall_time_and_capped_at_it():
+    # Pure arithmetic of executor._price. Marks: (time, CPU clock) at sending and at each
+    # read of the pipe; readings: (own CPU, waited-for children's CPU) before and after.
+    marks = [(10.0, 5.0), (10.2, None), (11.0, None)]
+    groups = [(1, [row(0)]), (2, [row(1), row(2)])]
+    priced = executor._price(groups, marks, (5.0, 0.0), (5.4, 0.1))
+    # 0.5 s of CPU over 1 s of wall: row 0 had 0.2 s of it, rows 1 and 2 0.4 s each.
+    assert [r[:5] for r in priced] == [row(0), row(1), row(2)]
+    assert [r[5] for r in priced] == pytest.approx([0.1, 0.2, 0.2])
+    # Three cores' worth in one second: each row gets at most its own wall time.
+    capped = executor._price(groups, marks, (5.0, 0.0), (7.0, 1.0))
+    assert [r[5] for r in capped] == pytest.approx([0.2, 0.4, 0.4])
+    # Two messages in one read are one group; a process that died is read at its last mark.
+    marks = [(0.0, 1.0), (0.3, 1.2), (0.6, 1.5)]
+    merged = executor._price([(1, [row(0)]), (1, [row(1)]), (2, [row(2)])], marks, (1.0, 0.0), None)
+    assert [r[5] for r in merged] == pytest.approx([0.125, 0.125, 0.25])
+    # Without a measurement (the research process was not found) nothing is credited.
+    assert [r[5] for r in executor._price(groups, marks, None, None)] == [0.0, 0.0, 0.0]
+
+
+def test_light_rows_are_measured_finely_enough_not_to_round_to_zero():
+    outcome = run("square.py", list(range(2000)))
+    cpu = [r.cpu_seconds for r in outcome.results]
+    assert all(r.succeeded for r in outcome.results)
+    # The child's own clock, under its RLIMIT_CPU backstop, moved only at the kernel's
+    # ticks: most light rows read 0 s. The batch's total, shared out, gives each its part.
+    assert min(cpu) > 0, f"{cpu.count(0.0)} of 2000 rows measured 0 s"
+    assert sum(cpu) < 2.0
+
+
+def test_busy_rows_are_measured_at_the_cpu_they_burned():
+    started = time.monotonic()
+    outcome = run("busy_square.py", [0, 1, 2, 3])
+    wall = time.monotonic() - started
+    cpu = [r.cpu_seconds for r in outcome.results]
+    # Each row burns 0.15 s of the process's CPU; the kernel's count, read by the parent,
+    # has all of it (and the child's own overhead), and one thread cannot exceed the wall.
+    assert 4 * 0.15 <= sum(cpu) <= wall
+    assert all(c > 0 for c in cpu)

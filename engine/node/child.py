@@ -17,7 +17,9 @@ never unpickles what it sends):
 sandbox not starting (the node's problem) apart from a script whose import never ends
 (its own; the parent's import time limit runs from "started").
 
-Each result is ``[row_index, ok, output_json_or_error, traceback, cpu_seconds]``.
+Each result is ``[row_index, ok, output_json_or_error, traceback]``. The child says nothing
+about time: research code could write its own lines, so what a row cost is measured by
+the parent, from the kernel (``executor._CpuMeter``), never read from here.
 Results are flushed every 50 ms, or after every row in isolate mode, which the parent
 uses to pin down a row that kills its process. A row that overruns the time limit is
 reported, and then the child exits so that the parent replaces the process, whatever
@@ -245,7 +247,6 @@ def main(in_fd, out_fd):
     send({"t": "ready"})
     signal.signal(signal.SIGALRM, _on_alarm)
     dumps = json.JSONEncoder(default=_to_plain, ensure_ascii=False, separators=(",", ":")).encode
-    cpu_clock = time.process_time
     clock = time.monotonic
 
     while True:
@@ -262,7 +263,6 @@ def main(in_fd, out_fd):
         last_flush = clock()
         timed_out = False
         recycle = None
-        cpu_before = cpu_clock()
         for index, values in batch["rows"]:
             row = dict(zip(columns, values))
             forks_before = _forks
@@ -278,25 +278,21 @@ def main(in_fd, out_fd):
                     raise OverflowError(
                         f"the output is {len(text.encode()) / 1e6:.1f} MB, above the "
                         f"{output_bytes / 1e6:.0f} MB per-row limit")
-                cpu_after = cpu_clock()
-                pending.append([index, 1, text, None, cpu_after - cpu_before])
+                pending.append([index, 1, text, None])
                 pending_bytes += len(text)
             except RowTimeout:
                 _in_row = False
-                cpu_after = cpu_clock()
                 pending.append([index, 0, f"RowTimeout: row exceeded the {_timeout:g} s time limit",
-                                None, cpu_after - cpu_before])
+                                None])
                 timed_out = True
             except MemoryError as exc:
                 _in_row = False
-                cpu_after = cpu_clock()
                 pending.append([index, 0, f"MemoryError: {memory_text} exceeded",
-                                _format_traceback(exc), cpu_after - cpu_before])
+                                _format_traceback(exc)])
             except BaseException as exc:
                 _in_row = False
                 if _is_fork_copy:
                     os._exit(0)
-                cpu_after = cpu_clock()
                 limit_text = _process_limit_text(exc, forks_before, processes)
                 if limit_text is not None:
                     # A fork bomb: stop its copies now, so that the batch's other rows
@@ -304,9 +300,7 @@ def main(in_fd, out_fd):
                     if in_namespace:
                         _kill_strays(own_pid)
                     recycle = "the process limit was reached"
-                pending.append([index, 0, limit_text or _describe(exc), _format_traceback(exc),
-                                cpu_after - cpu_before])
-            cpu_before = cpu_after
+                pending.append([index, 0, limit_text or _describe(exc), _format_traceback(exc)])
             if timed_out:
                 break
             if isolate or pending_bytes > _FLUSH_BYTES or clock() - last_flush > _FLUSH_SECONDS:

@@ -221,6 +221,8 @@ class _Child:
                  uid_slot: int = 0):
         self.script_error: tuple[str, str | None] | None = None
         self._import_timeout = limits.import_timeout
+        self._meter: _CpuMeter | None = None
+        self._marks: list[tuple[float, float | None]] = []
         self._kill_lock = threading.Lock()
         self.recycle: str | None = None
         sandboxed = limits.sandbox == "bwrap"
@@ -268,6 +270,8 @@ class _Child:
                 raise SandboxUnavailable(
                     f"the sandbox did not start ({self._exit_text()}); check that bubblewrap works here")
             raise RuntimeError(f"the worker process did not start ({self._exit_text()})")
+        # Found now, before the script runs: nothing of research code can stand in for it.
+        self._meter = _CpuMeter.of_child(self.process.pid, self._sandboxed)
         message = self._next_message(time.monotonic() + import_timeout)
         kind = message.get("t") if message is not None else self.failure
         if kind == "ready":
@@ -316,6 +320,8 @@ class _Child:
             if not chunk:
                 self.failure = "eof"
                 return None
+            # When each read came, and the child's CPU clock then: how rows are priced.
+            self._marks.append((time.monotonic(), self._meter.clock() if self._meter else None))
             self._buffer += chunk
             if len(self._buffer) > self._max_line and b"\n" not in self._buffer:
                 self.failure = "protocol"
@@ -337,46 +343,71 @@ class _Child:
         child exits because something it started was still running), "timeout" (the
         child reported a row over its time limit and exited), or an error text for the
         row that was running when the child died.
+
+        Each result's CPU time is measured here, never taken from the child (see ``_price``).
         """
-        received: list[tuple] = []  # RowResult field order
+        started = self._reading(settle=True)  # it waits for rows: its clock is exact now
+        self._marks = [(time.monotonic(), started[0] if started else None)]
+        groups: list[tuple[int, list[tuple]]] = []  # (mark, results without CPU time)
+        ended = [None]
+
+        def finish(end: str, settle: bool = False) -> tuple[list[tuple], str]:
+            # Read the child's clock before it is closed (a recycle, a timeout).
+            ended[0] = self._reading(settle=settle)
+            return _price(groups, self._marks, started, ended[0]), end
+
         if not self._send({"columns": list(columns), "rows": list(rows),
                            "isolate": isolate, "timeout": timeout}):
-            return received, self._death_text()
+            return finish(self._death_text())
         expected = iter(index for index, _ in rows)
+        count = 0
         while True:
             message = self._next_message(time.monotonic() + timeout + _GRACE_SECONDS)
             if message is None:
                 if self.failure == "timeout":
+                    priced = finish(f"RowTimeout: row exceeded the {timeout:g} s time limit "
+                                    f"(its process stopped responding and was replaced)")
                     self.close()
-                    return received, (f"RowTimeout: row exceeded the {timeout:g} s time limit "
-                                      f"(its process stopped responding and was replaced)")
+                    return priced
                 if self.failure == "protocol":
-                    return received, self._protocol_error()
-                return received, self._death_text()
+                    return finish(self._protocol_error())
+                return finish(self._death_text())
             kind = message.get("t")
             if kind == "results":
                 items = message.get("r")
+                group = []
                 for item in items if isinstance(items, list) else (None,):
                     result = _parse_result(item, next(expected, None))
                     if result is None:
-                        return received, self._protocol_error()
-                    received.append(result)
+                        groups.append((len(self._marks) - 1, group))
+                        return finish(self._protocol_error())
+                    group.append(result)
+                groups.append((len(self._marks) - 1, group))
+                count += len(group)
             elif kind == "done":
-                if len(received) != len(rows):
+                if count != len(rows):
                     # A script can write to the result pipe itself; a "done" that leaves
                     # rows unanswered would lose them silently.
-                    return received, self._protocol_error()
+                    return finish(self._protocol_error())
                 self.recycle = _str_or_none(message.get("recycle"))
                 if self.recycle is not None:
                     logger.info("sandbox: replacing a child after its batch: %s", self.recycle)
+                    priced = finish("recycle")
                     self.close()
-                    return received, "recycle"
-                return received, "done"
+                    return priced
+                return finish("done", settle=True)
             elif kind == "exit":
+                priced = finish("timeout")
                 self.close()
-                return received, "timeout"
+                return priced
             else:
-                return received, self._protocol_error()
+                return finish(self._protocol_error())
+
+    def _reading(self, settle: bool = False) -> tuple[float, float] | None:
+        """(CPU seconds of the research process itself, of the children it waited for)."""
+        if self._meter is None:
+            return None
+        return self._meter.read(settle)
 
     def _protocol_error(self) -> str:
         self.close()
@@ -440,20 +471,136 @@ class _Child:
         self._in_write = self._out_read = -1
 
 
+def _price(groups, marks, started, ended) -> list[tuple]:
+    """``groups`` of results (``(mark, results)``, in order) with their CPU time: the
+    batch's, shared out by measured wall time. ``marks`` are (time, CPU clock) at the
+    sending of the rows and at each read of the result pipe; ``started`` and ``ended``
+    the research process's (own CPU, waited-for children's CPU) before and after.
+
+    Nothing the child says about time is used. The CPU is the kernel's count for the
+    research process (its clock, read from here, plus the children it waited for),
+    from before the rows were sent to after the last result. The wall time of each
+    read of the result pipe goes to the rows that read completed, in equal parts
+    (the child chose how to group them, not how long they took), and each row gets
+    the batch's CPU in proportion to its wall time, but never more than that wall
+    time: a row is credited at most one core's worth.
+    """
+    if started is None or not groups:
+        return [r + (0.0,) for _, group in groups for r in group]
+    if ended is None:
+        # The process is gone: its clock as last read, with the pipe's last data.
+        clock = next((c for _, c in reversed(marks) if c is not None), started[0])
+        ended = (clock, started[1])
+    cpu = max(0.0, (ended[0] - started[0]) + (ended[1] - started[1]))
+    walls = []  # (results, wall seconds of each)
+    previous = marks[0][0]
+    for mark, group in groups:
+        if walls and walls[-1][2] == mark:
+            walls[-1][0].extend(group)  # two messages in one read: one group
+            continue
+        walls.append([list(group), marks[mark][0] - previous, mark])
+        previous = marks[mark][0]
+    total = previous - marks[0][0]
+    priced = []
+    for group, wall, _ in walls:
+        if not group:
+            continue
+        share = wall / len(group)
+        row_cpu = min(cpu * share / total, share) if total > 0 else 0.0
+        priced.extend(r + (row_cpu,) for r in group)
+    return priced
+
+
 def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
 def _parse_result(item: Any, expected_index: int | None) -> tuple | None:
-    """A child's result item, checked, as a plain tuple in ``RowResult``'s field order."""
-    if not (isinstance(item, list) and len(item) == 5 and item[0] == expected_index
-            and item[0] is not None and item[1] in (0, 1) and isinstance(item[2], str)
-            and isinstance(item[4], (int, float))):
+    """A child's result item, checked: ``RowResult``'s fields but the CPU time (``_price``)."""
+    if not (isinstance(item, list) and len(item) == 4 and item[0] == expected_index
+            and item[0] is not None and item[1] in (0, 1) and isinstance(item[2], str)):
         return None
     if item[1] == 1:
-        return (item[0], True, item[2], None, None, float(item[4]))
-    return (item[0], False, None, item[2], item[3] if isinstance(item[3], str) else None,
-            float(item[4]))
+        return (item[0], True, item[2], None, None)
+    return (item[0], False, None, item[2], item[3] if isinstance(item[3], str) else None)
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+_SETTLE_TRIES = 20
+
+
+class _CpuMeter:
+    """The CPU time of the process that runs research code, read by the parent from the kernel.
+
+    Its clock is the process's CPU-time clock (``clock_getcpuclockid``: every thread, to the
+    nanosecond), which any process may read; the children it waited for come from
+    ``/proc/<pid>/stat`` (in clock ticks). With ``RLIMIT_CPU`` set (the child's backstop),
+    the kernel updates that clock only at its ticks and context switches while the process
+    runs, so a read is exact only while it sleeps: ``read(settle=True)`` waits (up to about
+    2 ms) for it to sleep, as it does between batches. Under bubblewrap the research process
+    is the grandchild of the one started here (bwrap, then bwrap's init in the sandbox's PID
+    namespace); it is found when it says "started", before the script runs, and recognised
+    by its start time afterwards, so that a reused pid is never read.
+    """
+
+    def __init__(self, pid: int, born: bytes):
+        self.pid = pid
+        self._born = born
+        self._clock_id = (~pid << 3) | 2  # CPUCLOCK_SCHED of a whole process (glibc's encoding)
+
+    @classmethod
+    def of_child(cls, pid: int, sandboxed: bool) -> "_CpuMeter | None":
+        if sandboxed:
+            init = _child_of(pid)
+            pid = _child_of(init) if init is not None else None
+        stat = _proc_stat(pid) if pid is not None else None
+        if stat is None:
+            logger.warning("sandbox: cannot find the research process of child %s; its rows "
+                           "are measured as 0 s of CPU", pid)
+            return None
+        return cls(pid, stat[19])
+
+    def clock(self) -> float | None:
+        try:
+            return time.clock_gettime(self._clock_id)
+        except OSError:
+            return None  # it exited
+
+    def read(self, settle: bool) -> tuple[float, float] | None:
+        for _ in range(_SETTLE_TRIES if settle else 1):
+            stat = _proc_stat(self.pid)
+            if stat is None or stat[19] != self._born:
+                return None
+            if stat[0] != b"R":
+                break
+            time.sleep(0.0001)
+        clock = self.clock()
+        if clock is None:
+            return None
+        return clock, (int(stat[13]) + int(stat[14])) / _TICKS
+
+
+def _proc_stat(pid: int) -> list[bytes] | None:
+    """Fields of /proc/<pid>/stat after the command name: [0] state, [1] parent, [13] and
+    [14] children's user and system ticks, [19] start time."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields if len(fields) > 19 else None
+
+
+def _child_of(pid: int) -> int | None:
+    """A child process of ``pid`` (bubblewrap's processes have one each). Pids come in
+    order, so the next few are tried before all of /proc."""
+    parent = str(pid).encode()
+    nearby = [str(pid + step) for step in range(1, 9)]
+    for name in nearby + [n for n in os.listdir("/proc") if n.isdigit() and n not in nearby]:
+        stat = _proc_stat(int(name))
+        if stat is not None and stat[1] == parent:
+            return int(name)
+    return None
 
 
 class Pool:
