@@ -211,6 +211,12 @@ def _process_limit_text(exc, forks_before, processes):
     return None
 
 
+def _storage_limit_text(exc, storage_text):
+    if storage_text and isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"{_describe(exc)} ({storage_text})"
+    return None
+
+
 def main(in_fd, out_fd):
     global _in_row, _row_started, _timeout, _protocol_fds
     inp = os.fdopen(in_fd, "rb")
@@ -226,6 +232,7 @@ def main(in_fd, out_fd):
     init = _read_frame(inp)
     limits = init["limits"]
     memory_text = limits.get("memory_text", "the memory limit")
+    storage_text = limits.get("storage_text")
     output_bytes = limits.get("output_bytes") or (10 << 20)
     processes = limits.get("processes")
     cpu_lifetime = limits.get("cpu_seconds")
@@ -300,6 +307,7 @@ def main(in_fd, out_fd):
                     if in_namespace:
                         _kill_strays(own_pid)
                     recycle = "the process limit was reached"
+                limit_text = limit_text or _storage_limit_text(exc, storage_text)
                 pending.append([index, 0, limit_text or _describe(exc), _format_traceback(exc)])
             if timed_out:
                 break

@@ -26,7 +26,6 @@ import logging
 import os
 import pickle
 import select
-import shutil
 import signal
 import struct
 import subprocess
@@ -46,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 CHILD_SOURCE = (Path(__file__).parent / "child.py").read_text()
 _WARM_CHILDREN = 2
+# A warm child unused this long is ended, and the memory of its /tmp and $HOME with it.
+_IDLE_SECONDS = 60.0
 _GRACE_SECONDS = 3.0
 _WAKE_SECONDS = 0.25  # longest wait on a child before looking for an interrupt
 _STARTUP_SECONDS = 60.0
@@ -79,6 +80,13 @@ def run_rows(source: str, filename: str, columns: Sequence[str],
     time); a caller that may run concurrently with others brings its own (``private_pool``).
     """
     pool = _pool if pool is None else pool
+    try:
+        return _run_rows(pool, source, filename, columns, rows, limits, plain, keep_warm)
+    finally:
+        pool.release()
+
+
+def _run_rows(pool, source, filename, columns, rows, limits, plain, keep_warm) -> Outcome:
     outcome = Outcome()
     pending = list(rows)
     isolate = False
@@ -158,8 +166,9 @@ def main(row):
 
 
 def _self_test() -> str:
-    if shutil.which("bwrap") is None:
-        return "unavailable: bubblewrap (bwrap) is not installed"
+    problem = sandbox.bwrap_problem()
+    if problem is not None:
+        return f"unavailable: {problem}"
     child = None
     try:
         child = _Child(_PROBE, "sandbox-probe.py", Limits(row_timeout=30.0), probe=True)
@@ -222,6 +231,7 @@ class _Child:
         self.script_error: tuple[str, str | None] | None = None
         self._import_timeout = limits.import_timeout
         self._meter: _CpuMeter | None = None
+        self._init: tuple[int, bytes] | None = None  # bubblewrap's init: (pid, start time)
         self._marks: list[tuple[float, float | None]] = []
         self._kill_lock = threading.Lock()
         self.recycle: str | None = None
@@ -235,7 +245,7 @@ class _Child:
             sandboxed = False
         in_read, self._in_write = os.pipe()
         self._out_read, out_write = os.pipe()
-        prefix = sandbox.bwrap_argv(limits.hidden_paths) if sandboxed else []
+        prefix = sandbox.bwrap_argv(limits.hidden_paths, limits.storage()) if sandboxed else []
         argv = prefix + [sys.executable, "-I", "-c", CHILD_SOURCE, str(in_read), str(out_write)]
         self.process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -270,8 +280,7 @@ class _Child:
                 raise SandboxUnavailable(
                     f"the sandbox did not start ({self._exit_text()}); check that bubblewrap works here")
             raise RuntimeError(f"the worker process did not start ({self._exit_text()})")
-        # Found now, before the script runs: nothing of research code can stand in for it.
-        self._meter = _CpuMeter.of_child(self.process.pid, self._sandboxed)
+        self._find_processes()
         message = self._next_message(time.monotonic() + import_timeout)
         kind = message.get("t") if message is not None else self.failure
         if kind == "ready":
@@ -403,6 +412,23 @@ class _Child:
             else:
                 return finish(self._protocol_error())
 
+    def _find_processes(self) -> None:
+        # Found now, before the script runs: nothing of research code can stand in for them.
+        # Under bubblewrap: bwrap (ours), then its init (pid 1 of the sandbox's PID
+        # namespace), then the research process (pid 2).
+        research = self.process.pid
+        if self._sandboxed:
+            init = _child_of(self.process.pid)
+            stat = _proc_stat(init) if init is not None else None
+            self._init = (init, stat[19]) if stat is not None else None
+            research = _child_of(init) if init is not None else None
+        stat = _proc_stat(research) if research is not None else None
+        if stat is None:
+            logger.warning("sandbox: cannot find the research process of child %s; its rows "
+                           "are measured as 0 s of CPU", self.process.pid)
+            return
+        self._meter = _CpuMeter(research, stat[19])
+
     def _reading(self, settle: bool = False) -> tuple[float, float] | None:
         """(CPU seconds of the research process itself, of the children it waited for)."""
         if self._meter is None:
@@ -446,23 +472,47 @@ class _Child:
         return f"WorkerCrashed: the process running this row exited unexpectedly (exit code {code})"
 
     def kill(self) -> None:
-        """End the child now, from any thread; its owner then reads the end of its pipe."""
+        """End the child now, from any thread; its owner then reads the end of its pipe.
+
+        The sandbox's init goes first: with it the kernel kills everything left in the
+        sandbox's PID namespace, and bubblewrap, seeing its child end, exits having reaped
+        it, so no process of the sandbox is left orphaned (or as a zombie). Without a known
+        init (no sandbox), the child's process group goes.
+        """
         with self._kill_lock:
-            if self.process.returncode is None:
-                try:
-                    # Killing bubblewrap kills its init (--die-with-parent), and with the
-                    # init the kernel kills everything left in the sandbox's PID namespace.
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            if self.process.returncode is not None:
+                return
+            if self._init is not None:
+                init, born = self._init
+                stat = _proc_stat(init)
+                if stat is not None and stat[19] == born and stat[1] == str(self.process.pid).encode():
+                    try:
+                        os.kill(init, signal.SIGKILL)
+                        return
+                    except ProcessLookupError:
+                        pass
+            self._kill_group()
+
+    def _kill_group(self) -> None:
+        try:
+            # Killing bubblewrap kills its init (--die-with-parent), and with the init the
+            # kernel kills everything left in the sandbox's PID namespace.
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def close(self) -> None:
         if self.process.poll() is None:
             self.kill()
         try:
-            self.process.wait(timeout=10)
+            self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            with self._kill_lock:
+                self._kill_group()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
         for fd in (self._in_write, self._out_read):
             try:
                 os.close(fd)
@@ -539,26 +589,15 @@ class _CpuMeter:
     runs, so a read is exact only while it sleeps: ``read(settle=True)`` waits (up to about
     2 ms) for it to sleep, as it does between batches. Under bubblewrap the research process
     is the grandchild of the one started here (bwrap, then bwrap's init in the sandbox's PID
-    namespace); it is found when it says "started", before the script runs, and recognised
-    by its start time afterwards, so that a reused pid is never read.
+    namespace); it is found when it says "started", before the script runs
+    (``_Child._find_processes``), and recognised by its start time afterwards, so that a
+    reused pid is never read.
     """
 
     def __init__(self, pid: int, born: bytes):
         self.pid = pid
         self._born = born
         self._clock_id = (~pid << 3) | 2  # CPUCLOCK_SCHED of a whole process (glibc's encoding)
-
-    @classmethod
-    def of_child(cls, pid: int, sandboxed: bool) -> "_CpuMeter | None":
-        if sandboxed:
-            init = _child_of(pid)
-            pid = _child_of(init) if init is not None else None
-        stat = _proc_stat(pid) if pid is not None else None
-        if stat is None:
-            logger.warning("sandbox: cannot find the research process of child %s; its rows "
-                           "are measured as 0 s of CPU", pid)
-            return None
-        return cls(pid, stat[19])
 
     def clock(self) -> float | None:
         try:
@@ -620,6 +659,9 @@ class Pool:
         self._capacity = capacity
         self.uid_slot = uid_slot
         self.killed = False
+        self._in_use: _Child | None = None   # the one child handed out by get()
+        self._last_used: dict[_Child, float] = {}
+        self._reaper: threading.Thread | None = None
 
     def get(self, source: str, filename: str, limits: Limits) -> _Child:
         key = (limits.project, source, filename, limits)
@@ -627,6 +669,7 @@ class Pool:
             child = self._children.get(key)
             if child is not None and child.process.poll() is None:
                 self._children.move_to_end(key)
+                self._in_use = child
                 return child
             if child is not None:
                 del self._children[key]
@@ -644,6 +687,7 @@ class Pool:
                 self._starting.discard(fresh)
         with self._lock:
             self._children[key] = fresh
+            self._in_use = fresh
             evicted = []
             while len(self._children) > self._capacity:
                 evicted.append(self._children.popitem(last=False)[1])
@@ -651,11 +695,47 @@ class Pool:
             oldest.close()
         return fresh
 
+    def release(self) -> None:
+        """The caller is done with the child ``get`` gave it; it may now expire when idle."""
+        with self._lock:
+            if self._in_use is not None:
+                self._last_used[self._in_use] = time.monotonic()
+                self._in_use = None
+            if self._children and self._reaper is None:
+                self._reaper = threading.Thread(target=self._end_idle, daemon=True,
+                                                name="sandbox-idle-reaper")
+                self._reaper.start()
+
+    def _end_idle(self) -> None:
+        # Warm children unused for _IDLE_SECONDS are ended: a project that finished must
+        # not keep a child, and the memory of its /tmp and $HOME, on the node for ever.
+        while True:
+            time.sleep(min(_IDLE_SECONDS / 4, 5.0))
+            now = time.monotonic()
+            with self._lock:
+                idle = [(key, child) for key, child in self._children.items()
+                        if child is not self._in_use
+                        and now - self._last_used.get(child, now) >= _IDLE_SECONDS]
+                for key, _child in idle:
+                    del self._children[key]
+                    self._last_used.pop(_child, None)
+                done = not self._children
+                if done:
+                    self._reaper = None
+            for _key, child in idle:
+                logger.info("sandbox: ending a child idle for %.0f s", _IDLE_SECONDS)
+                child.close()
+            if done:
+                return
+
     def discard(self, child: _Child) -> None:
         with self._lock:
             for key, value in list(self._children.items()):
                 if value is child:
                     del self._children[key]
+            self._last_used.pop(child, None)
+            if self._in_use is child:
+                self._in_use = None
         child.close()
 
     def close_all(self) -> None:

@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import shutil
+import stat
+import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -108,14 +112,32 @@ class Limits:
                                       output_bytes=settings.max_output_limit_mb << 20)
         return defaults.clamped(maximum, **overrides)
 
+    def storage(self) -> tuple[int, int]:
+        """Bytes the sandbox's /tmp and $HOME may hold: they are in memory (tmpfs), so they
+        come out of the memory limit, a quarter of it together (3/16 and 1/16)."""
+        quarter = self.memory_bytes // 4
+        return _pages(quarter * 3 // 4), _pages(quarter // 4)
+
+    def address_space(self) -> int:
+        """The research process's address-space limit: the memory limit less its files'."""
+        return self.memory_bytes - sum(self.storage())
+
     def for_child(self) -> dict[str, Any]:
-        return {"memory_bytes": self.memory_bytes, "file_bytes": self.file_bytes,
+        tmp, home = self.storage()
+        return {"memory_bytes": self.address_space(), "file_bytes": self.file_bytes,
                 "open_files": self.open_files, "output_bytes": self.output_bytes,
                 "processes": self.processes, "cpu_seconds": _CPU_LIFETIME_SECONDS,
-                "memory_text": f"memory limit of {_size_text(self.memory_bytes)}"}
+                "memory_text": f"memory limit of {size_text(self.memory_bytes)}",
+                "storage_text": (f"the sandbox's files may use {size_text(tmp)} in /tmp and "
+                                 f"{size_text(home)} in $HOME, out of its memory limit of "
+                                 f"{size_text(self.memory_bytes)}")}
 
 
-def _size_text(size: int) -> str:
+def _pages(size: int) -> int:
+    return max(1 << 20, size // 4096 * 4096)  # whole pages, and at least 1 MiB
+
+
+def size_text(size: int) -> str:
     gib = size / (1 << 30)
     return f"{gib:g} GiB" if gib >= 1 else f"{size >> 20} MiB"
 
@@ -165,9 +187,12 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def bwrap_argv(hidden_paths: Sequence[str] = ()) -> list[str]:
-    """The ``bwrap ...`` prefix that runs a command in the sandbox."""
+def bwrap_argv(hidden_paths: Sequence[str] = (),
+               storage: tuple[int, int] | None = None) -> list[str]:
+    """The ``bwrap ...`` prefix that runs a command in the sandbox; ``storage`` bounds the
+    sizes of its /tmp and $HOME (``Limits.storage``; bubblewrap 0.7 or later)."""
     home = sandbox_home()
+    tmp_size, home_size = storage if storage is not None else (None, None)
     args = ["bwrap"]
     bound = []
     for path in _SYSTEM_PATHS:
@@ -176,15 +201,21 @@ def bwrap_argv(hidden_paths: Sequence[str] = ()) -> list[str]:
         elif os.path.isdir(path):
             args += ["--ro-bind", path, path]
             bound.append(path)
-    # /tmp and $HOME are private and empty; writable by the sandbox's own uid.
-    args += ["--dev", "/dev", "--proc", "/proc", "--perms", "1777", "--tmpfs", "/tmp"]
+    # /tmp and $HOME are private and empty; writable by the sandbox's own uid. A tmpfs is
+    # half of the machine's RAM unless told otherwise: each is bounded, and freed with the
+    # sandbox's mount namespace when the child ends.
+    args += ["--dev", "/dev", "--proc", "/proc", "--perms", "1777"]
+    args += (["--size", str(tmp_size)] if tmp_size else []) + ["--tmpfs", "/tmp"]
     if home != "/tmp":
-        args += ["--perms", "1777", "--tmpfs", home]
+        args += ["--perms", "1777"] + (["--size", str(home_size)] if home_size else [])
+        args += ["--tmpfs", home]
+    masks = []
     for path in hidden_paths:
         # Only what is visible needs a mask: the Ray session and data directories are
         # normally outside the allow-list already.
         if path and os.path.isdir(path) and any(_under(path, root) for root in bound):
-            args += ["--tmpfs", path]
+            args += ["--size", "4096", "--tmpfs", path]
+            masks.append(path)
     created = {"/", "/tmp", home, *bound}
     for path in python_paths():  # sorted: a prefix comes before what lies under it
         if any(_under(path, root) for root in bound):
@@ -207,8 +238,37 @@ def bwrap_argv(hidden_paths: Sequence[str] = ()) -> list[str]:
     if runs_as_root():
         # Kept only until child.py switches to sandbox_uid(); switching drops them.
         args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    # bubblewrap's own / and /dev are tmpfs too, unbounded, and owned by the sandbox's user
+    # on a node that is not root (measured: writable there): only /tmp and $HOME stay
+    # writable. (Not recursive: the mounts on them keep their own flags.)
+    for path in ["/", "/dev", *masks]:
+        args += ["--remount-ro", path]
     args += ["--chdir", "/tmp"]
     return args
+
+
+def bwrap_problem() -> str | None:
+    """Why this node's bubblewrap cannot build the sandbox, or None.
+
+    ``--size`` (the bound on /tmp and $HOME) came in bubblewrap 0.7.0, and a setuid
+    bubblewrap refuses it to users other than root.
+    """
+    path = shutil.which("bwrap")
+    if path is None:
+        return "bubblewrap (bwrap) is not installed"
+    if os.stat(path).st_mode & stat.S_ISUID and not runs_as_root():
+        return ("bubblewrap is installed setuid, and a setuid bubblewrap cannot bound the "
+                "size of the sandbox's /tmp and $HOME (install it without the setuid bit)")
+    try:
+        version = subprocess.run([path, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"bwrap --version failed: {exc}"
+    found = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
+    if found and tuple(int(part or 0) for part in found.groups()) < (0, 7, 0):
+        return (f"bubblewrap {found.group(0)} cannot bound the size of the sandbox's /tmp and "
+                f"$HOME (--size needs bubblewrap 0.7 or later)")
+    return None
 
 
 def home_entries_allowed() -> set[str]:
