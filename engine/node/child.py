@@ -37,6 +37,7 @@ import json
 import linecache
 import os
 import pickle
+import re
 import resource
 import signal
 import struct
@@ -47,6 +48,12 @@ import traceback
 _FLUSH_SECONDS = 0.05
 _CPU_SLACK_SECONDS = 2
 _FLUSH_BYTES = 1 << 20
+# Outputs nested deeper than this fail their row: results pages and exports read outputs
+# with recursive code, and a 3,000-deep list crashed them (docs/results.md).
+MAX_OUTPUT_DEPTH = 100
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class RowTimeout(BaseException):
@@ -107,14 +114,68 @@ def _to_plain(value):
         f"Object of type {type(value).__name__} is not JSON serializable")
 
 
+class _OutputError(Exception):
+    """main returned a value that has no form every reader of results can take."""
+
+
+def _encode(dumps, value):
+    """The JSON text of main's return value, or _OutputError saying why it cannot be stored.
+
+    Outputs are strict JSON, as every export, page and verifier reads it: no NaN or
+    Infinity (Python's json writes them, JSON has no such numbers), no nesting deeper
+    than MAX_OUTPUT_DEPTH, and valid Unicode (a lone surrogate cannot be written as UTF-8).
+    """
+    try:
+        text = dumps(value)
+    except ValueError as exc:
+        if "Out of range float" not in str(exc):
+            raise
+        raise _OutputError("main returned NaN or Infinity, which JSON cannot hold "
+                           "(return None or a string in its place)") from None
+    except RecursionError:
+        text = None
+    if text is None or _too_deep(text):
+        raise _OutputError(f"main returned a value nested more than {MAX_OUTPUT_DEPTH} levels "
+                           f"deep, more than results pages and exports read") from None
+    if not text.isascii():
+        lone = _SURROGATE.search(text)
+        if lone is not None:
+            raise _OutputError(f"main returned text that is not valid Unicode (a lone surrogate, "
+                               f"{lone.group()!r}), which cannot be stored")
+    return text
+
+
+def _too_deep(text):
+    if text.count("[") + text.count("{") <= MAX_OUTPUT_DEPTH:
+        return False  # the common case, at C speed
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text) if '"' in text else text)
+    depth = 0
+    for char in brackets:
+        if char in "[{":
+            depth += 1
+            if depth > MAX_OUTPUT_DEPTH:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _clean(text):
+    """``text`` as valid Unicode: a lone surrogate (in a script's own error message) becomes
+    its escape, as text, so that the result line can be written at all."""
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _describe(exc):
     message = str(exc)
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return _clean(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
 
 
 def _format_traceback(exc):
     # Skip the first frame: it is this file's call of main().
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))
+    return _clean("".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next)))
 
 
 def _apply_limits(limits):
@@ -253,7 +314,8 @@ def main(in_fd, out_fd):
         return
     send({"t": "ready"})
     signal.signal(signal.SIGALRM, _on_alarm)
-    dumps = json.JSONEncoder(default=_to_plain, ensure_ascii=False, separators=(",", ":")).encode
+    dumps = json.JSONEncoder(default=_to_plain, ensure_ascii=False, allow_nan=False,
+                             separators=(",", ":")).encode
     clock = time.monotonic
 
     while True:
@@ -280,13 +342,15 @@ def main(in_fd, out_fd):
                 _in_row = False
                 if _is_fork_copy:
                     os._exit(0)
-                text = dumps(result)
+                text = _encode(dumps, result)
                 if len(text) > output_bytes // 4 and len(text.encode()) > output_bytes:
                     raise OverflowError(
                         f"the output is {len(text.encode()) / 1e6:.1f} MB, above the "
                         f"{output_bytes / 1e6:.0f} MB per-row limit")
                 pending.append([index, 1, text, None])
                 pending_bytes += len(text)
+            except _OutputError as exc:
+                pending.append([index, 0, f"ValueError: {exc}", None])
             except RowTimeout:
                 _in_row = False
                 pending.append([index, 0, f"RowTimeout: row exceeded the {_timeout:g} s time limit",

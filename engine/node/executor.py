@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import select
 import signal
 import struct
@@ -286,7 +287,8 @@ class _Child:
         if kind == "ready":
             return
         if kind == "script_error":
-            self.script_error = (str(message.get("error")), _str_or_none(message.get("traceback")))
+            self.script_error = (_clean(str(message.get("error"))),
+                                 _str_or_none(message.get("traceback")))
         elif kind == "timeout":
             self.script_error = (f"ImportTimeout: the script's top-level code was still running after "
                                  f"{import_timeout:g} s (the import time limit)", None)
@@ -562,7 +564,19 @@ def _price(groups, marks, started, ended) -> list[tuple]:
 
 
 def _str_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+    return _clean(value) if isinstance(value, str) else None
+
+
+# A \uD800-\uDFFF escape that is not itself escaped (an even run of backslashes before it).
+_ESCAPED_SURROGATE = re.compile(r"(?<!\\)(?:\\\\)*\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _clean(text: str) -> str:
+    """``text`` as valid Unicode. JSON lines can carry lone surrogates (as escapes), which
+    no database or export can store: a script's error texts keep them as escaped text."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _parse_result(item: Any, expected_index: int | None) -> tuple | None:
@@ -571,8 +585,14 @@ def _parse_result(item: Any, expected_index: int | None) -> tuple | None:
             and item[0] is not None and item[1] in (0, 1) and isinstance(item[2], str)):
         return None
     if item[1] == 1:
-        return (item[0], True, item[2], None, None)
-    return (item[0], False, None, item[2], item[3] if isinstance(item[3], str) else None)
+        text = item[2]
+        if ((not text.isascii() and _clean(text) != text)
+                or ("\\u" in text and _ESCAPED_SURROGATE.search(text))):
+            # The child refuses outputs with lone surrogates, and writes no surrogate as an
+            # escape: this line is not the child's.
+            return None
+        return (item[0], True, text, None, None)
+    return (item[0], False, None, _clean(item[2]), _str_or_none(item[3]))
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")
