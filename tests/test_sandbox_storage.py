@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from conftest import fixture_bytes, run_to_end, submit_numbers
-from engine import accounts
+from conftest import fixture_bytes, run_to_end
+from engine import accounts, projects
 from engine.export import export_results
 from engine.node import executor, sandbox
 from engine.node.executor import Limits, run_rows
@@ -169,8 +169,6 @@ def test_a_memfd_is_bounded_by_the_file_size_limit_not_the_address_space():
 @pytest.mark.slow
 def test_a_project_s_rows_meet_the_bound_through_the_dispatcher(store, cluster_settings):
     data = b"x,target\n0,\n1,/tmp\n2,\n"
-    from engine import projects
-
     pid = projects.submit_project(
         store, cluster_settings, accounts.local_admin(store), title="fills", script_name="fills.py",
         script_bytes=fixture_bytes("hostile_fills_tmp.py"), dataset_name="d.csv",

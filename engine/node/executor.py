@@ -3,14 +3,18 @@
 Cluster batches (inside a Ray worker) and trial runs (inside the portal or CLI) both
 call ``run_rows``. The code itself runs in a child process (``child.py``) under
 bubblewrap (``sandbox.py``): no network, only the system and Python visible and
-read-only, empty ``/tmp`` and ``$HOME``, no capabilities, an unprivileged uid, a
-scrubbed environment and resource limits. The calling process only feeds rows in and
-reads JSON results out, so research code never shares a process with the Ray token.
+read-only, empty and bounded ``/tmp`` and ``$HOME``, no capabilities, an unprivileged
+uid, a scrubbed environment and resource limits. The calling process only feeds rows in
+and reads JSON results out, so research code never shares a process with the Ray token.
+What a row cost in CPU is measured here, from the kernel, never taken from the child
+(``_CpuMeter``, ``_price``; docs/credit.md).
 
-Children are kept warm per script between batches (starting one costs ~35 ms), and
-replaced whenever one dies, overruns, or leaves a process or thread behind after a
-batch. A row that crashes its process is found by re-running the rest of the batch in
-isolate mode, one flushed result per row; the rows before it keep their results.
+Children are kept warm per project and script between batches (starting one costs
+~35 ms), ended after a minute unused, and replaced whenever one dies, overruns, or
+leaves a process or thread behind after a batch. A row that crashes its process is found
+by re-running the rest of the batch in isolate mode, one flushed result per row; the
+rows before it keep their results. Callers that run concurrently in one process (trial
+runs) each take a private pool (``private_pool``).
 
 Before the first child, each process runs ``sandbox_status()``: a real sandboxed child
 that reports what it can see (the node check runs it as soon as a node joins, see
