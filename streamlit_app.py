@@ -3,24 +3,32 @@
 This entry point configures logging, signs the visitor in (cookie or form), and lists
 every page explicitly with ``st.navigation``. The menu shows the pages the visitor's
 role may use; the others stay registered but hidden, so that a link to one shows that
-page's own refusal instead of a blank "page not found". Each page checks the role
-itself, and the engine checks it again.
+page's own refusal (with a sign-in form for a visitor) instead of "page not found".
+
+Every page answers at its own path (``/projects``, ``/join``, ...): the root path is a
+hidden page that sends each visitor on to theirs (Sign in, Projects or Join cluster),
+keeping the query string. Streamlit serves its default page only at ``/``, so no real
+page may be the default: a typed ``/projects?id=12`` would find nothing.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import streamlit as st
 
 from engine import Settings
 from engine.accounts import Role, has_role
-from portal import auth
+from portal import auth, errors
 
 logging.basicConfig(level=Settings.from_env().log_level,
                     format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-st.set_page_config(page_title="Constellation", page_icon=":material/hub:", layout="wide")
+# A local file: a ":material/...:" page icon makes every browser fetch the favicon from
+# fonts.gstatic.com. Streamlit serves its own fonts (and the Material Symbols font) itself.
+FAVICON = str(Path(__file__).parent / "portal" / "static" / "favicon.png")
+st.set_page_config(page_title="Constellation", page_icon=FAVICON, layout="wide")
 
 # (file, title, icon, who may use it). None means anonymous visitors only.
 PAGES = (
@@ -41,18 +49,25 @@ def _allowed(user, roles) -> bool:
     return not roles or has_role(user, *roles)
 
 
-auth.start()
-user = auth.current_user()
-if user is not None:
-    with st.sidebar:
-        st.caption(f"Signed in as **{user.name}** ({', '.join(sorted(user.role_set))})")
-    auth.logout_button()
-    user = auth.current_user()  # None again if "Sign out" was just pressed
+def _landing() -> None:
+    """``/``: on to the visitor's own page, with the query string (``/?id=3`` included)."""
+    user = auth.current_user()
+    target = "app_pages/login.py" if user is None else auth.home(user)
+    st.switch_page(target, query_params=st.query_params.to_dict())
 
-visible = [path for path, _, _, roles in PAGES if _allowed(user, roles)]
-# The first visible page is the default: Sign in, Projects or Join cluster.
-default = visible[0]
-pages = [st.Page(path, title=title, icon=icon, default=(path == default),
-                 visibility="visible" if path in visible else "hidden")
-         for path, title, icon, _ in PAGES]
-st.navigation(pages).run()
+
+with errors.contained():
+    auth.start()
+    user = auth.current_user()
+    if user is not None:
+        with st.sidebar:
+            st.caption(f"Signed in as **{errors.plain(user.name)}** "
+                       f"({', '.join(sorted(user.role_set))})")
+        auth.logout_button()
+        user = auth.current_user()  # None again if "Sign out" was just pressed
+    pages = [st.Page(_landing, title="Constellation", url_path="start", default=True,
+                     visibility="hidden")]
+    pages += [st.Page(path, title=title, icon=icon,
+                      visibility="visible" if _allowed(user, roles) else "hidden")
+              for path, title, icon, roles in PAGES]
+    st.navigation(pages).run()

@@ -1,29 +1,94 @@
-"""Administration: users, all projects, nodes (admins only)."""
+"""Administration: users, all projects, nodes (admins only).
+
+Every action runs in a button's callback, before the page is drawn, so the tables below
+it already show its effect; destructive ones (disable, cancel) ask first.
+"""
 
 import pandas as pd
 import streamlit as st
 
 from engine import Role, accounts, cancel_project, list_projects, nodes, verification
-from engine.status import NodeHealth
-from portal import auth, errors, state, widgets
+from engine.projects import one_line
+from engine.status import NodeHealth, ProjectStatus
+from portal import auth, errors, panels, state, tables, widgets
 
 user = auth.require(Role.ADMIN)
 store = state.store()
 widgets.header("Admin", ":material/admin_panel_settings:")
+widgets.outcome()
 users_tab, projects_tab, nodes_tab, trust_tab = st.tabs(["Users", "Projects", "Nodes", "Trust"])
+
+
+def _disable(name: str) -> str:
+    accounts.disable_user(store, auth.current_user(), name)
+    return f"User {name} is disabled; their sessions have ended."
+
+
+def _enable() -> str:
+    name = st.session_state["user_choice"]
+    accounts.enable_user(store, auth.current_user(), name)
+    return f"User {name} is enabled again; they sign in anew."
+
+
+def _grant() -> str:
+    name, role = st.session_state["user_choice"], st.session_state["grant_role"]
+    accounts.grant_role(store, auth.current_user(), name, Role(role))
+    return f"User {name} now has the {role} role."
+
+
+def _cancel(project_id: int) -> str:
+    cancel_project(store, auth.current_user(), project_id)
+    return f"Project {project_id} is cancelled."
+
+
+def _trust() -> str:
+    # The choice as it is now (a callback's arguments are the run's that drew the button).
+    node_id = st.session_state["trust_choice"]
+    trusted = not next(n.trusted for n in nodes.list_nodes(store, auth.current_user())
+                       if n.node_id == node_id)
+    nodes.set_trusted(store, node_id, trusted, actor=auth.current_user())
+    return f"Node {node_id[:12]} is {'trusted' if trusted else 'no longer trusted'}."
+
+
+def _chosen(key: str):
+    """A callback's way to read a choice as it is now, for ``ask_later``."""
+    widgets.ask_later(key, st.session_state[f"{key}_choice"])
+
 
 with users_tab:
     with errors.shown():
         users = accounts.list_users(store, user)
-    st.dataframe(pd.DataFrame([u.to_dict() for u in users]), hide_index=True)
-    enabled = [u.name for u in users if not u.disabled and u.name != user.name]
-    if enabled:
-        with st.form("disable_user"):
-            name = st.selectbox("Disable an account", enabled, key="disable_name")
-            if st.form_submit_button("Disable", icon=":material/block:"):
-                with errors.shown():
-                    accounts.disable_user(store, user, name)
-                st.success(f"User {name} is disabled.", icon=":material/check_circle:")
+    st.dataframe(pd.DataFrame([{
+        "name": u.name, "email": u.email, "roles": ", ".join(u.roles),
+        "status": "disabled" if u.disabled else "active", "created": u.created_at,
+        "note": u.note} for u in users]), hide_index=True,
+        column_config={"note": st.column_config.TextColumn(width="large")})
+    local = next((u for u in users if u.name == accounts.LOCAL_ADMIN and u.note), None)
+    if local is not None:
+        st.caption(f"**{accounts.LOCAL_ADMIN}** is {local.note}.")
+    others = [u for u in users if u.name != user.name and not u.note]
+    if others:
+        by_name = {u.name: u for u in others}
+        left, middle, right = st.columns([3, 2, 2], vertical_alignment="bottom")
+        name = left.selectbox("Account", list(by_name), key="user_choice")
+        chosen = by_name[name]
+        if chosen.disabled:
+            middle.button("Enable", key="enable_user", icon=":material/check_circle:",
+                          on_click=widgets.act, args=(_enable,))
+        else:
+            middle.button("Disable", key="disable_user", icon=":material/block:",
+                          on_click=_chosen, args=("user",))
+        missing = [r.value for r in Role if r.value not in chosen.roles]
+        if missing:
+            role = right.selectbox("Add a role", missing, key="grant_role")
+            right.button(f"Add {role}", key="grant_button", icon=":material/add:",
+                         on_click=widgets.act, args=(_grant,))
+        pending = widgets.asking("user")
+        if pending is not None:
+            widgets.ask("user", f"Disable {pending}? They can no longer sign in, their open "
+                                   f"sessions end, and their nodes stop earning. You can enable "
+                                   f"the account again later.", f"Yes, disable {pending}",
+                        _disable, pending)
 
 with projects_tab:
     with errors.shown():
@@ -32,18 +97,23 @@ with projects_tab:
         st.info("No projects yet.", icon=":material/inbox:")
     else:
         st.dataframe(pd.DataFrame([{
-            "id": p.id, "title": p.title, "owner": p.owner, "status": p.status,
+            "id": p.id, "title": one_line(p.title), "owner": p.owner, "status": p.status,
             "rows": p.rows_total, "succeeded": p.rows_succeeded, "failed": p.rows_failed,
             "created": p.created_at} for p in projects]), hide_index=True)
-        active = [p for p in projects if p.status in ("submitted", "running")]
+        active = [p for p in projects if not ProjectStatus(p.status).is_terminal()]
         if active:
-            with st.form("cancel_project"):
-                chosen = st.selectbox("Cancel a project", active, key="cancel_choice",
-                                      format_func=lambda p: f"#{p.id} {p.title} ({p.owner})")
-                if st.form_submit_button("Cancel project", icon=":material/cancel:"):
-                    with errors.shown():
-                        cancel_project(store, user, chosen.id)
-                    st.success(f"Project {chosen.id} is cancelled.", icon=":material/check_circle:")
+            left, right = st.columns([3, 2], vertical_alignment="bottom")
+            by_id = {p.id: p for p in active}
+            chosen = left.selectbox("Cancel a project", list(by_id), key="cancel_choice",
+                                    format_func=lambda i: f"#{i} {one_line(by_id[i].title)} "
+                                                          f"({by_id[i].owner})")
+            right.button("Cancel project", key="cancel_project", icon=":material/cancel:",
+                         on_click=_chosen, args=("cancel",))
+        pending = widgets.asking("cancel")
+        if pending is not None:
+            widgets.ask("cancel", f"Cancel project #{pending}? Its remaining rows will not run; "
+                                  f"the results stored so far stay.", "Yes, cancel it",
+                        _cancel, pending)
 
 with nodes_tab:
     with errors.shown():
@@ -53,24 +123,19 @@ with nodes_tab:
     else:
         for n in registry:
             if n.status == "online" and n.health == NodeHealth.QUARANTINED:
-                widgets.node_health(n)
-        st.dataframe(pd.DataFrame([{
-            "node": n.node_id, "owner": n.attribution, "status": n.status, "host": n.hostname,
-            "health": n.health, "why": n.health_reason, "trusted": n.trusted,
-            "CPUs": n.cpus, "sandbox": n.sandbox, "tasks": n.tasks_completed,
-            "last seen": n.last_seen} for n in registry]), hide_index=True)
+                panels.node_health(n)
+        st.dataframe(tables.node_rows(registry, admin=True), hide_index=True)
         volunteers_nodes = [n for n in registry if n.attribution not in ("head", "unclaimed")]
         if volunteers_nodes:
-            with st.form("trust_node"):
-                chosen = st.selectbox(
-                    "Trust a node: one of your own machines, whose results need no replication "
-                    "(they earn no credit)", volunteers_nodes, key="trust_choice",
-                    format_func=lambda n: f"{n.attribution} on {n.hostname} ({n.node_id[:12]})"
-                                          + (" - trusted" if n.trusted else ""))
-                if st.form_submit_button("Trust / stop trusting", icon=":material/verified_user:"):
-                    with errors.shown():
-                        nodes.set_trusted(store, chosen.node_id, not chosen.trusted, actor=user)
-                    st.rerun()
+            left, right = st.columns([3, 2], vertical_alignment="bottom")
+            by_id = {n.node_id: n for n in volunteers_nodes}
+            chosen = left.selectbox(
+                "Trust a node: one of your own machines, whose results need no replication "
+                "(they earn no credit)", list(by_id), key="trust_choice",
+                format_func=lambda i: f"{by_id[i].attribution} on {panels.node_machine(by_id[i])} "
+                                      f"({i[:12]})" + (" - trusted" if by_id[i].trusted else ""))
+            right.button("Trust / stop trusting", key="trust_button", icon=":material/verified_user:",
+                         on_click=widgets.act, args=(_trust,))
 
 with trust_tab:
     st.caption(f"A volunteer whose last {verification.TRUST_STREAK} results for a script all agreed "

@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from engine import Role, nodes, verification
-from portal import auth, errors, state, widgets
+from portal import auth, errors, panels, state, tables, widgets
 
 user = auth.require(Role.VOLUNTEER)
 store, settings = state.store(), state.settings()
@@ -32,6 +32,7 @@ st.button("Rotate my signature", icon=":material/autorenew:", on_click=_rotate,
 
 
 @st.fragment(run_every=2)
+@errors.guarded
 def _my_machines() -> None:
     st.subheader("Your machines")
     with errors.shown():
@@ -41,11 +42,8 @@ def _my_machines() -> None:
             return
         for n in mine:
             if n.status == "online":
-                widgets.node_health(n)
-        st.dataframe(pd.DataFrame([{"node": n.node_id[:12], "host": n.hostname, "status": n.status,
-                                    "health": n.health, "CPUs": n.cpus, "sandbox": n.sandbox,
-                                    "tasks": n.tasks_completed, "last active": n.last_activity}
-                                   for n in mine]), hide_index=True)
+                panels.node_health(n)
+        st.dataframe(tables.node_rows(mine, admin=False), hide_index=True)
 
 
 _my_machines()

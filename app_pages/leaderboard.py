@@ -4,9 +4,11 @@ import pandas as pd
 import streamlit as st
 
 from engine import credit
-from portal import state, widgets
+from portal import auth, state, widgets
 
 widgets.header("Leaderboard", ":material/leaderboard:", "Volunteers ranked by credit.")
+if auth.current_user() is None:
+    widgets.about()
 WINDOWS = {"Last 24 h": "24h", "Last 7 days": "7d", "All time": "all"}
 window = st.segmented_control("Window", list(WINDOWS), default="All time", key="window")
 board = credit.leaderboard(state.store(), WINDOWS[window or "All time"])

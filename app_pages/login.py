@@ -1,22 +1,15 @@
-"""Sign in (anonymous visitors)."""
+"""Sign in (anonymous visitors): what Constellation is, and the sign-in form."""
 
 import streamlit as st
 
 from portal import auth, widgets
 
-widgets.header("Sign in", ":material/login:")
 user = auth.current_user()
-if user is not None and not st.session_state.get("just_signed_in"):
-    st.switch_page(auth.home(user))
-
-user = auth.login_form()
 if user is not None:
-    # No st.rerun() or switch_page in this run: it would stop the sign-in cookie from being set.
-    st.session_state["just_signed_in"] = True
-    st.success(f"Welcome, {user.name}.", icon=":material/check_circle:")
-    if st.button("Continue", type="primary", key="continue"):
-        del st.session_state["just_signed_in"]
-        st.switch_page(auth.home(user))
-else:
-    st.caption("No account yet?")
-    st.page_link("app_pages/register.py", label="Register", icon=":material/person_add:")
+    # Signed in (the run after signing in, which the sign-in cookie's component starts).
+    st.switch_page(auth.home(user))
+widgets.header("Constellation", ":material/hub:", "Volunteer computing for research scripts.")
+widgets.about()
+auth.sign_in_form()
+st.caption("No account yet?")
+st.page_link("app_pages/register.py", label="Register", icon=":material/person_add:")

@@ -1,4 +1,5 @@
-"""Register a researcher and/or volunteer account (admins are made with the CLI)."""
+"""Register a researcher and/or volunteer account (admins are made with the CLI); the
+new account is signed in at once and lands on its page."""
 
 import streamlit as st
 
@@ -30,7 +31,7 @@ if submitted:
         st.error("The two passwords differ.", icon=":material/error:")
     else:
         with errors.shown():
-            user = accounts.register_user(state.store(), name, email, password, ROLE_CHOICES[role])
-        st.success(f"Account {user.name} created. Sign in to continue.",
-                   icon=":material/check_circle:")
-        st.page_link("app_pages/login.py", label="Sign in", icon=":material/login:")
+            user = accounts.register_user(state.store(), name, email, password,
+                                          ROLE_CHOICES[role], address=auth.client_address())
+        st.success(f"Account {user.name} created.", icon=":material/check_circle:")
+        auth.signed_in(user)

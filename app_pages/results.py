@@ -6,8 +6,9 @@ import streamlit as st
 
 from engine import Role, export_results, list_projects, project_status
 from engine.errors import NotFound
+from engine.projects import one_line
 from engine.results import error_groups, failed_page, results_page
-from portal import auth, errors, state, widgets
+from portal import auth, errors, panels, state, tables, widgets
 
 user = auth.require(Role.RESEARCHER)
 store = state.store()
@@ -21,7 +22,7 @@ if selected is None:
         st.info("No projects yet: submit one.", icon=":material/inbox:")
         st.page_link("app_pages/submit.py", label="Submit a project", icon=":material/upload:")
         st.stop()
-    chosen = st.selectbox("Project", projects, format_func=lambda v: f"#{v.id} {v.title}",
+    chosen = st.selectbox("Project", projects, format_func=lambda v: f"#{v.id} {one_line(v.title)}",
                           key="results_project")
     project_id = chosen.id
 else:
@@ -32,30 +33,33 @@ else:
 
 with errors.shown():
     view = project_status(store, user, project_id)
-st.markdown(f"**{errors.plain(view.title)}** · #{view.id}")
+st.markdown(f"**{widgets.title(view.title)}** · #{view.id}")
 widgets.status_badge(view.status)
 widgets.progress(view)
 
-controls = st.columns([2, 2, 3], vertical_alignment="bottom")
+controls = st.columns([2, 2, 2, 3], vertical_alignment="bottom")
 failed_only = controls[0].toggle("Failed rows only", key="failed_only")
-page_size = controls[1].selectbox("Rows per page", (50, 100, 500), index=1, key="page_size")
+show_inputs = controls[1].toggle("Input columns", value=True, key="show_inputs",
+                                 help="The dataset's columns, after the results.")
+page_size = controls[2].selectbox("Rows per page", (50, 100, 500), index=1, key="page_size")
+# One page control for both views: failed rows are counted the same way as all rows.
+rows = view.rows_failed if failed_only else view.rows_total
+pages = max(1, -(-rows // page_size))
+what = "failed rows" if failed_only else "rows"
+number = controls[3].number_input(f"Page (of {pages:,}: {rows:,} {what})", min_value=1,
+                                  max_value=pages, value=1, step=1,
+                                  key=f"page_{project_id}_{page_size}_{'failed' if failed_only else 'all'}")
 with errors.shown():
-    if failed_only:
-        page = widgets.keyset_pager(
-            controls[2], f"failed_{project_id}_{page_size}",
-            lambda after: failed_page(store, user, project_id, after=after, limit=page_size))
-    else:
-        pages = max(1, -(-view.rows_total // page_size))
-        number = controls[2].number_input(f"Page (of {pages:,})", min_value=1, max_value=pages,
-                                          value=1, step=1, key=f"page_{project_id}_{page_size}")
-        page = results_page(store, user, project_id, start=(number - 1) * page_size, limit=page_size)
-widgets.results_table(page)
+    start = (number - 1) * page_size
+    page = failed_page(store, user, project_id, start=start, limit=page_size) if failed_only \
+        else results_page(store, user, project_id, start=start, limit=page_size)
+tables.results_table(page, show_inputs=show_inputs)
 
 st.subheader("Errors by type")
 with errors.shown():
     groups = widgets.per_view(view, "error_groups", lambda: error_groups(store, user, project_id)) \
         if view.rows_failed else []
-widgets.error_groups(groups)
+panels.error_groups(groups)
 
 st.subheader("Download")
 

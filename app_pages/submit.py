@@ -3,11 +3,11 @@
 import pandas as pd
 import streamlit as st
 
-from engine import Role, submit_project
+from engine import Role, projects, submit_project
 from engine.dataset import parse_dataset
 from engine.script import check_script
-from engine.trial import TRIAL_ROWS, trial_run
-from portal import auth, errors, state, widgets
+from engine.trial import TRIAL_ROWS
+from portal import auth, errors, panels, state, trials, widgets
 
 user = auth.require(Role.RESEARCHER)
 settings, store = state.settings(), state.store()
@@ -55,8 +55,8 @@ st.caption(f"main runs on the first {TRIAL_ROWS} rows in the same sandbox the cl
 if st.button(f"Trial run on {min(TRIAL_ROWS, len(dataset))} rows", key="trial_button",
              icon=":material/science:"):
     with st.spinner("Running main in the sandbox…"), errors.shown():
-        st.session_state["trial"] = (upload_key, trial_run(store, settings, user, script, dataset,
-                                                           row_timeout=row_timeout))
+        st.session_state["trial"] = (upload_key, trials.run(store, settings, user, script, dataset,
+                                                            row_timeout=row_timeout))
 trial = st.session_state.get("trial")
 if trial is None or trial[0] != upload_key:
     st.info("Run the trial first: it shows what main returns before the whole dataset runs.",
@@ -64,20 +64,43 @@ if trial is None or trial[0] != upload_key:
     st.stop()
 trial = trial[1]
 if trial.script_error:
-    st.error(errors.plain(f"The script fails while it is imported: {trial.script_error}"),
-             icon=":material/error:")
+    st.error(errors.plain(f"The script fails while it is imported: "
+                          f"{errors.readable(trial.script_error)}"), icon=":material/error:")
     if trial.script_traceback:
-        st.code(trial.script_traceback, language=None)
+        st.code(errors.readable(trial.script_traceback), language=None)
     st.stop()
-widgets.trial_table(trial)
+panels.trial_table(trial)
+where = projects.outlook(store, settings, int(replication))
+panels.run_estimate(projects.estimate([r.seconds for r in trial.rows], len(dataset), where),
+                    where, int(replication))
+panels.waits_for(where)
 
+all_failed = bool(trial.rows) and not any(r.succeeded for r in trial.rows)
 submitted = st.session_state.get("submitted", {})
+confirmed = False
 if upload_key in submitted:
     project_id = submitted[upload_key]
     st.success(f"Project {project_id} submitted.", icon=":material/check_circle:")
     st.page_link("app_pages/projects.py", label="Follow its progress", icon=":material/monitoring:",
                  query_params={"id": project_id})
+    st.stop()
+if widgets.asking("run") == upload_key:
+    st.warning(f"All {len(trial.rows)} trial rows failed. Run all {len(dataset):,} rows anyway? "
+               f"They will probably fail the same way:", icon=":material/warning:")
+    panels.trial_errors(trial)
+    left, right = st.columns(2)
+    confirmed = left.button("Run anyway", type="primary", key="run_anyway",
+                            icon=":material/rocket_launch:")
+    right.button("Back", key="run_back", on_click=widgets.forget, args=("run",))
+    if not confirmed:
+        st.stop()
+    widgets.forget("run")
 elif st.button("Run on the cluster", type="primary", key="run_button", icon=":material/rocket_launch:"):
+    if all_failed:
+        widgets.ask_later("run", upload_key)
+        st.rerun()
+    confirmed = True
+if confirmed:
     with errors.shown():
         project_id = submit_project(
             store, settings, user, title=title or script.name, description=description,

@@ -136,9 +136,24 @@ def local_admin(store: Store) -> User:
         if Role.ADMIN.value not in user.role_set:
             raise Forbidden(
                 f"the account {LOCAL_ADMIN!r} is not the command line's own account (it is not an "
-                f"admin: someone registered the name); pass --owner, or make it the operator's "
-                f"with `user grant {LOCAL_ADMIN} --role admin`")
+                f"admin: someone registered the name); pass --owner, or make it the command "
+                f"line's own again with `python -m engine user reclaim-admin`")
         return user
+
+
+def reclaim_local_admin(store: Store) -> User:
+    """Make ``LOCAL_ADMIN`` the command line's own account again, when someone registered
+    the name before it was reserved: the admin role, no password (so whoever registered it
+    can no longer sign in), its sessions ended. Its projects stay, now the operator's."""
+    with store.session() as session:
+        user = session.execute(select(User).where(User.name == LOCAL_ADMIN)).scalar_one_or_none()
+        if user is not None:
+            user.roles = f"{Role.ADMIN},{Role.RESEARCHER}"
+            user.password_hash = ""
+            user.disabled = False
+            user.sessions_valid_after = time.time()
+    logger.warning("user %s: reclaimed as the command line's own account", LOCAL_ADMIN)
+    return local_admin(store)
 
 
 def create_user(store: Store, name: str, roles: set[Role], *, email: str = "",
@@ -302,8 +317,9 @@ def clear_login_failures(store: Store, name: str) -> None:
 def authenticate(store: Store, name: str, password: str) -> User:
     """The user if ``password`` is right and the account may sign in; else Forbidden.
 
-    A wrong name and a wrong password give the same message. Locked and disabled
-    accounts are refused before the password is checked.
+    A wrong name and a wrong password give the same message. A locked name is refused
+    before the password is checked. A disabled account is told that it is disabled only
+    after the right password, so that nothing tells a stranger which names exist.
     """
     name = name.strip().lower()
     remaining = login_lock_remaining(store, name)
@@ -315,7 +331,7 @@ def authenticate(store: Store, name: str, password: str) -> User:
         record_login_failure(store, name)
         raise Forbidden("wrong user name or password")
     if user.disabled:
-        raise Forbidden(f"the account {name!r} is disabled")
+        raise Forbidden(f"the account {name!r} is disabled; an admin can enable it again")
     clear_login_failures(store, name)
     return user
 
@@ -338,14 +354,17 @@ def session_current(store: Store, name: str, issued_at: float) -> bool:
     return user is not None and not user.disabled and issued_at > (user.sessions_valid_after or 0.0)
 
 
-def signed_in_user(store: Store, name: str) -> User:
-    """The account behind a session or cookie, refused if it was disabled meanwhile."""
+def signed_in_user(store: Store, name: str, since: float | None = None) -> User:
+    """The account behind a session or cookie, refused if it was disabled meanwhile, or (for
+    a session that began at ``since``) if it signed out after that."""
     with store.session() as session:
         user = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
     if user is None:
         raise Forbidden("this account no longer exists; sign in again")
     if user.disabled:
         raise Forbidden(f"the account {name!r} is disabled")
+    if since is not None and since <= (user.sessions_valid_after or 0.0):
+        raise Forbidden("this session ended (the account signed out); sign in again")
     return user
 
 

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import exists, func, insert, select
 
 from engine.accounts import Role, is_admin, require_role, visible_project
 from engine.dataset import Dataset, parse_dataset
 from engine.errors import InvalidRequest
-from engine.models import DatasetChunk, Project, Task, User
+from engine.models import DatasetChunk, Node, Project, Replica, Task, User
+from engine.nodes import HEAD, UNCLAIMED
 from engine.script import Script, check_script
 from engine.settings import Settings
-from engine.status import ProjectStatus, rerun_failed, transition_project
+from engine.status import NodeHealth, ProjectStatus, rerun_failed, transition_project
 from engine.store import Store
 
 logger = logging.getLogger(__name__)
@@ -201,10 +203,128 @@ def rerun_failed_rows(store: Store, actor: User, project_id: int) -> int:
     return moved
 
 
-def rows_per_node(store: Store, actor: User, project_id: int) -> dict[str | None, int]:
-    """How many of the project's rows each node completed."""
+def rows_per_node(store: Store, actor: User, project_id: int) -> dict[str, int]:
+    """How many of the project's rows each node ran, by the node's readable name
+    (``node_label``). A replicated project counts every replica on the node that ran it, so
+    a row verified by two volunteers counts once on each of their nodes."""
     with store.session() as session:
-        visible_project(session, actor, project_id)
-        return dict(session.execute(
-            select(Task.node_id, func.count()).where(Task.project_id == project_id)
-            .group_by(Task.node_id)).all())
+        project = visible_project(session, actor, project_id)
+        counts: dict[str | None, int] = {}
+        if project.replication > 1:
+            for node_id, n in session.execute(
+                    select(Replica.node_id, func.count()).where(Replica.project_id == project_id)
+                    .group_by(Replica.node_id)):
+                counts[node_id] = counts.get(node_id, 0) + n
+            # Rows decided without replicas (e.g. failed on every node tried) count as stored.
+            unreplicated = select(Task.node_id, func.count()).where(
+                Task.project_id == project_id, ~exists().where(
+                    Replica.project_id == Task.project_id, Replica.row_index == Task.row_index))
+        else:
+            unreplicated = select(Task.node_id, func.count()).where(Task.project_id == project_id)
+        for node_id, n in session.execute(unreplicated.group_by(Task.node_id)):
+            counts[node_id] = counts.get(node_id, 0) + n
+        known = {n.node_id: n for n in session.execute(select(Node).where(
+            Node.node_id.in_([i for i in counts if i is not None]))).scalars()}
+    labels = _unique_labels({node_id: _label_of(node_id, known.get(node_id)) for node_id in counts})
+    return {labels[node_id]: n for node_id, n in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
+def machine_name(hostname: str | None, host: str | None = None) -> str:
+    """A machine's short name: its host name up to the first dot, else its address."""
+    short = (hostname or "").split(".", 1)[0].strip()
+    return short[:24] or (host or "").strip()
+
+
+def node_label(owner: str, hostname: str | None, host: str | None, node_id: str) -> str:
+    """How a person reads a node: whose it is and which machine, e.g. "vic · laptop"."""
+    return f"{owner} · {machine_name(hostname, host) or 'node ' + node_id[:8]}"
+
+
+def _label_of(node_id: str | None, node: Node | None) -> str:
+    if node_id is None:
+        return "no node (the row failed on every node tried)"
+    if node is None:
+        return f"unknown node {node_id[:8]}"
+    owner = HEAD if node.role == HEAD else (node.volunteer if node.claimed else UNCLAIMED)
+    return node_label(owner, node.hostname, node.host, node_id)
+
+
+def _unique_labels(labels: dict) -> dict:
+    """Labels made unique (a volunteer's two machines may share a host name)."""
+    seen: dict[str, int] = {}
+    for label in labels.values():
+        seen[label] = seen.get(label, 0) + 1
+    return {node_id: label if seen[label] == 1 or node_id is None else f"{label} ({node_id[:6]})"
+            for node_id, label in labels.items()}
+
+
+# -- before submitting: what the project will wait for, and how long it may take --------
+
+
+@dataclass(frozen=True)
+class Outlook:
+    """What a new project would meet on the cluster now."""
+
+    nodes: int                 # online nodes that may take work now
+    cpus: float                # their CPUs (else the dispatcher's last report)
+    runs_per_row: int          # how many times each row runs (replication, unless trusted nodes settle rows alone)
+    waits_for: str | None      # what it would wait for, in words; None when it can start at once
+
+
+def outlook(store: Store, settings: Settings, replication: int) -> Outlook:
+    """What a project with ``replication`` would wait for if submitted now, from the
+    dispatcher's report and the node registry, as the dispatcher decides it (see
+    ``Dispatcher._update_notice``)."""
+    from engine import nodes as registry
+
+    health = store.cluster_health()
+    online = [n for n in registry.list_nodes(store) if n.status == "online"]
+    usable = [n for n in online if n.health == NodeHealth.READY
+              and (n.attribution != UNCLAIMED or settings.allow_unclaimed_nodes)]
+    cpus = sum(n.cpus for n in usable) or float(health["cpus"] or 0.0)
+    trusted = any(n.trusted for n in usable)
+    volunteers = {n.attribution for n in usable if not n.trusted and n.attribution != UNCLAIMED}
+    runs = 1 if replication <= 1 or (trusted and not volunteers) else replication
+    waits = None
+    if health["status"] == "no dispatcher":
+        waits = "a dispatcher: none is running (`make run` starts one with the portal)"
+    elif health["status"] != "online":
+        waits = f"the cluster, which is {health['status']}: {health['message']}"
+    elif not online:
+        waits = "a node: none has joined the cluster"
+    elif not usable:
+        reasons = [f"{node_label(n.attribution, n.hostname, n.host, n.node_id)} "
+                   + ("is being checked" if n.health == NodeHealth.CHECKING else
+                      f"is quarantined ({n.health_reason or 'it failed its check'})"
+                      if n.health == NodeHealth.QUARANTINED else "is not claimed by a volunteer")
+                   for n in online]
+        waits = "a node that can run it: " + "; ".join(reasons)
+    elif replication > 1 and not trusted and len(volunteers) < replication:
+        missing = replication - len(volunteers)
+        waits = (f"{missing} more volunteer{'s' if missing > 1 else ''}: replication "
+                 f"{replication} needs {replication} different volunteers' machines, and "
+                 f"{len(volunteers)} {'is' if len(volunteers) == 1 else 'are'} online")
+    return Outlook(nodes=len(usable), cpus=cpus, runs_per_row=runs, waits_for=waits)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A run time estimated from a trial run, with what it assumes."""
+
+    seconds: float          # computing time on the cluster, start-up not included
+    seconds_per_row: float  # the median time of the trial's rows after the first
+    rows: int
+    runs_per_row: int
+    cpus: float
+
+
+def estimate(trial_seconds: list[float], rows: int, where: Outlook) -> Estimate | None:
+    """The run time of ``rows`` rows from the trial's row times. The first row also started
+    the sandbox, so it is left out when there are others."""
+    measured = trial_seconds[1:] or trial_seconds
+    if not measured:
+        return None
+    per_row = statistics.median(measured)
+    cpus = max(1.0, where.cpus)
+    return Estimate(seconds=per_row * rows * where.runs_per_row / cpus, seconds_per_row=per_row,
+                    rows=rows, runs_per_row=where.runs_per_row, cpus=cpus)

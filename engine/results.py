@@ -18,12 +18,15 @@ from sqlalchemy import select, text
 from engine.accounts import visible_project
 from engine.models import DatasetChunk, Task, failed_tasks
 from engine.projects import CHUNK_ROWS
-from engine.status import TaskStatus
+from engine.status import ProjectStatus, TaskStatus
 from engine.store import Store
 
 logger = logging.getLogger(__name__)
 
 MAX_PAGE_ROWS = 1000
+# What a row without a result is shown as once its project ended without it (failed or
+# cancelled): it will not run, so "pending" would be wrong. Shown only; never stored.
+NOT_RUN = "not run"
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,19 @@ class ResultsPage:
     rows: list[ResultRow]
     total: int
     next_after: int | None
+
+    def output_columns(self) -> dict[str, str] | None:
+        """Column name -> key, when every output on this page is a JSON object: then a
+        table shows one column per key, as the CSV export does (a key that clashes with a
+        dataset column or ``error`` is ``output.KEY``). None: one ``output`` column."""
+        outputs = [r.output for r in self.rows if r.output is not None]
+        if not outputs or not all(isinstance(o, dict) for o in outputs):
+            return None
+        keys: dict[str, None] = {}
+        for output in outputs:
+            keys.update(dict.fromkeys(output))
+        taken = set(self.columns) | {"error", "row", "status", "verification"}
+        return {(f"output.{k}" if k in taken else str(k)): k for k in keys}
 
 
 @dataclass(frozen=True)
@@ -71,14 +87,17 @@ def results_page(store: Store, actor, project_id: int, *, start: int = 0,
             .where(Task.project_id == project_id, Task.row_index >= start,
                    Task.row_index < end)).all()}
         inputs = _inputs(session, project_id, range(start, end))
+        unrun = _unrun_status(project.status)
         return ResultsPage(columns=columns, total=project.rows_total, next_after=None,
-                           rows=[_row(i, columns, inputs.get(i), tasks.get(i))
+                           rows=[_row(i, columns, inputs.get(i), tasks.get(i), unrun)
                                  for i in range(start, end)])
 
 
 def failed_page(store: Store, actor, project_id: int, *, after: int = -1,
-                limit: int = 100) -> ResultsPage:
-    """Failed rows with an index above ``after``, in dataset order (keyset paging)."""
+                start: int | None = None, limit: int = 100) -> ResultsPage:
+    """Failed rows in dataset order: those with an index above ``after`` (keyset paging),
+    or, with ``start``, from the ``start``-th failed row on (page numbers: the index is
+    walked up to it, which costs little next to reading the page)."""
     limit = max(1, min(int(limit), MAX_PAGE_ROWS))
     with store.session() as session:
         project = visible_project(session, actor, project_id)
@@ -86,8 +105,9 @@ def failed_page(store: Store, actor, project_id: int, *, after: int = -1,
         tasks = session.execute(text(
             "SELECT row_index, status, output, error, verification "
             f"FROM {failed_tasks(session)} WHERE project_id = :p AND status = 'failed' "
-            "AND row_index > :after ORDER BY row_index LIMIT :n"),
-            {"p": project_id, "after": int(after), "n": limit + 1}).all()
+            "AND row_index > :after ORDER BY row_index LIMIT :n OFFSET :skip"),
+            {"p": project_id, "after": int(after), "n": limit + 1,
+             "skip": max(0, int(start or 0))}).all()
         more = len(tasks) > limit
         tasks = tasks[:limit]
         inputs = _inputs(session, project_id, [t.row_index for t in tasks])
@@ -135,9 +155,15 @@ def _inputs(session, project_id: int, indices) -> dict[int, list]:
     return found
 
 
-def _row(index: int, columns: list[str], values: list | None, task) -> ResultRow:
+def _unrun_status(project_status: str) -> str:
+    ended = project_status in (ProjectStatus.FAILED.value, ProjectStatus.CANCELLED.value)
+    return NOT_RUN if ended else TaskStatus.PENDING.value
+
+
+def _row(index: int, columns: list[str], values: list | None, task,
+         unrun: str = TaskStatus.PENDING.value) -> ResultRow:
     as_dict = dict(zip(columns, values or []))
     if task is None:
-        return ResultRow(index, as_dict, TaskStatus.PENDING.value, None, None)
+        return ResultRow(index, as_dict, unrun, None, None)
     output = json.loads(task.output) if task.output is not None else None
     return ResultRow(index, as_dict, task.status, output, task.error, task.verification)

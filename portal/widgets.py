@@ -1,24 +1,34 @@
-"""Small rendering pieces shared by pages: numbers, durations, statuses, the page header."""
+"""Small rendering pieces shared by pages: the page header, the product's description,
+numbers, durations, statuses, confirmations and per-session caches."""
 
 from __future__ import annotations
 
-import json
 import time
+from typing import Callable
 
-import pandas as pd
 import streamlit as st
 
 from engine import ProjectStatusView
 from engine.errors import ConstellationError
+from engine.projects import one_line
+from engine.status import ProjectStatus
 from portal import errors
 
 STATUS_BADGES = {
-    "submitted": ("Submitted", "gray", ":material/schedule:"),
-    "running": ("Running", "blue", ":material/sync:"),
-    "complete": ("Complete", "green", ":material/check_circle:"),
-    "failed": ("Failed", "red", ":material/error:"),
-    "cancelled": ("Cancelled", "orange", ":material/cancel:"),
+    ProjectStatus.SUBMITTED: ("Submitted", "gray", ":material/schedule:"),
+    ProjectStatus.RUNNING: ("Running", "blue", ":material/sync:"),
+    ProjectStatus.COMPLETE: ("Complete", "green", ":material/check_circle:"),
+    ProjectStatus.FAILED: ("Failed", "red", ":material/error:"),
+    ProjectStatus.CANCELLED: ("Cancelled", "orange", ":material/cancel:"),
 }
+
+ABOUT = (
+    "**Constellation** runs a researcher's Python function over every row of a dataset, on "
+    "the spare CPUs of volunteers' machines. **Researchers** upload a script that defines "
+    "`main(row)` and a CSV or JSON dataset, try it on a few rows, and download every row's "
+    "result. **Volunteers** join a machine to the cluster with one command, and earn credit "
+    "for each result that other volunteers' machines confirm."
+)
 
 
 def header(title: str, icon: str, caption: str | None = None) -> None:
@@ -28,9 +38,21 @@ def header(title: str, icon: str, caption: str | None = None) -> None:
         st.caption(caption)
 
 
+def about() -> None:
+    """What Constellation is, for a visitor who has not signed in."""
+    st.markdown(ABOUT)
+
+
+def title(text: str) -> str:
+    """A project title for Markdown: one line, its Markdown escaped."""
+    return errors.plain(one_line(text))
+
+
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "–"
+    if 0 < seconds < 1:
+        return "under 1 s"
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds} s"
@@ -46,7 +68,7 @@ def rate(rows_per_second: float | None) -> str:
 
 
 def status_badge(status: str) -> None:
-    label, color, icon = STATUS_BADGES.get(status, (status, "gray", None))
+    label, color, icon = STATUS_BADGES.get(ProjectStatus(status), (status, "gray", None))
     st.badge(label, color=color, icon=icon)
 
 
@@ -54,52 +76,6 @@ def progress(view: ProjectStatusView) -> None:
     done = view.rows_succeeded + view.rows_failed
     fraction = done / view.rows_total if view.rows_total else 1.0
     st.progress(min(1.0, fraction), text=f"{done:,} of {view.rows_total:,} rows ({fraction:.0%})")
-
-
-def counts(view: ProjectStatusView) -> None:
-    cols = st.columns(6)
-    cols[0].metric("Succeeded", f"{view.rows_succeeded:,}")
-    cols[1].metric("Failed", f"{view.rows_failed:,}")
-    cols[2].metric("Pending", f"{view.rows_pending:,}")
-    cols[3].metric("Rows/s", rate(view.rows_per_second))
-    cols[4].metric("Elapsed", duration(view.elapsed_seconds))
-    cols[5].metric("ETA", duration(view.eta_seconds) if view.eta_seconds is not None
-                   else ("done" if view.status == "complete" else "–"))
-
-
-def node_health(node) -> None:
-    """One node's health in words: checking, ready, or quarantined and why."""
-    from engine.status import NodeHealth
-
-    where = f"{node.hostname or node.host} ({node.node_id[:12]})"
-    if node.health == NodeHealth.QUARANTINED:
-        until = f" It will be checked again after {node.quarantined_until}." \
-            if node.quarantined_until else ""
-        st.error(f"**{where}** gets no work: {errors.plain(node.health_reason or 'it failed its check')}."
-                 f"{until}", icon=":material/block:")
-    elif node.health == NodeHealth.CHECKING:
-        st.info(f"**{where}** is being checked (Constellation's code, the sandbox, one test row).",
-                icon=":material/hourglass_top:")
-    else:
-        st.success(f"**{where}** is ready and takes work.", icon=":material/check_circle:")
-
-
-def verification_counts(view: ProjectStatusView) -> None:
-    """Replicated projects: verified, inconclusive and pending rows, and executions per row."""
-    if view.notice:
-        st.warning(errors.plain(view.notice), icon=":material/group_add:")
-    if view.replication <= 1:
-        st.caption("Replication 1: results are unverified.")
-        return
-    cols = st.columns(4)
-    cols[0].metric("Verified", f"{view.rows_verified:,}",
-                   help=(f"{view.rows_trusted:,} of them trusted: computed on the operator's own "
-                         f"nodes, accepted without replication." if view.rows_trusted else None))
-    cols[1].metric("Inconclusive", f"{view.rows_inconclusive:,}")
-    cols[2].metric("Awaiting quorum", f"{view.rows_pending:,}")
-    cols[3].metric("Executions per row",
-                   "–" if view.executions_per_task is None else f"{view.executions_per_task:.2f}",
-                   help=f"Replication {view.replication}: the overhead of verification.")
 
 
 def checked(slot: str, upload, check):
@@ -124,78 +100,62 @@ def checked(slot: str, upload, check):
     return value
 
 
-def trial_table(trial) -> None:
-    rows = [{"row": r.row, "status": "succeeded" if r.succeeded else "failed",
-             "output": json.dumps(r.output) if r.succeeded else None, "error": r.error,
-             "time": f"{r.seconds * 1000:.1f} ms"} for r in trial.rows]
-    st.dataframe(pd.DataFrame(rows), hide_index=True)
-    for r in trial.rows:
-        if r.traceback:
-            with st.expander(f"Traceback of row {r.row}"):
-                st.code(r.traceback, language=None)
-    st.caption("The first row's time includes starting the sandbox; the estimate uses the median.")
-    if trial.estimated_seconds is not None:
-        st.info(f"Estimated run time on the cluster: about {duration(trial.estimated_seconds)} "
-                f"({trial.seconds_per_row * 1000:.1f} ms per row over {trial.cpus} CPUs, "
-                f"before batching speeds it up).", icon=":material/timer:")
+# -- confirmations --------------------------------------------------------------------------
 
 
-def cluster_health(health: dict) -> None:
-    if health["status"] == "online":
-        st.caption(f":material/cloud_done: Cluster online: {health['cpus']:g} CPUs")
-    else:
-        st.warning(errors.plain(f"Cluster {health['status']}: {health['message']}. "
-                                f"Submitted projects wait until it is back."),
-                   icon=":material/cloud_off:")
+def ask(key: str, question: str, yes: str, action: Callable[..., str | None], *args) -> None:
+    """Ask ``question`` before a destructive ``action(*args)``: "Yes" runs it in a callback,
+    so the page that follows (every table on it) already shows its effect; "Keep" forgets
+    it. ``action`` returns what to tell the user afterwards."""
+    with st.container(border=True, key=f"confirm_{key}"):
+        st.warning(question, icon=":material/warning:")
+        left, right = st.columns(2)
+        left.button(yes, key=f"{key}_yes", type="primary", on_click=_do, args=(key, action, *args),
+                    width="stretch")
+        right.button("Keep", key=f"{key}_no", on_click=forget, args=(key,), width="stretch")
 
 
-def project_panel(store, user, view: ProjectStatusView, cancel, rerun=None) -> None:
-    """One project's live status: title, badge, progress, counts, per-node chart, actions."""
-    from engine import rows_per_node
-
-    top = st.columns([6, 2, 2, 2], vertical_alignment="center")
-    top[0].markdown(f"**{errors.plain(view.title)}** · #{view.id}"
-                    + (f" · {errors.plain(view.owner)}" if view.owner != user.name else ""))
-    with top[1]:
-        status_badge(view.status)
-    top[2].page_link("app_pages/results.py", label="Results", icon=":material/table_view:",
-                     query_params={"id": view.id})
-    if view.status in ("submitted", "running"):
-        top[3].button("Cancel", key=f"cancel_{view.id}", icon=":material/cancel:",
-                      on_click=cancel, args=(view.id,))
-    elif rerun is not None and view.status in ("complete", "failed") and view.rows_failed:
-        top[3].button("Re-run failed rows", key=f"rerun_{view.id}", icon=":material/replay:",
-                      on_click=rerun, args=(view.id,))
-    failure = st.session_state.pop(f"_cancel_error_{view.id}", None)
-    if failure is not None:
-        errors.show(failure)
-    progress(view)
-    counts(view)
-    verification_counts(view)
-    if view.error:
-        st.error(errors.plain(view.error), icon=":material/error:")
-        if view.error_traceback:
-            with st.expander("Traceback"):
-                st.code(view.error_traceback, language=None)
-    per_node = _nodes_of(store, user, view, rows_per_node)
-    if per_node:
-        st.vega_lite_chart(pd.DataFrame({"node": [(n or "unknown")[:12] for n in per_node],
-                                         "rows": list(per_node.values())}),
-                           _ROWS_PER_NODE_CHART, height=160)
+def asking(key: str):
+    """What is waiting for confirmation under ``key`` (set by ``ask_later``), or None."""
+    return st.session_state.get(f"_asking_{key}")
 
 
-# A fixed Vega-Lite spec, not st.bar_chart: that builds and validates an Altair chart on
-# every 2-s refresh, 6-20 ms per project panel, most of the Projects page's time.
-_ROWS_PER_NODE_CHART = {
-    "mark": {"type": "bar", "tooltip": True},
-    "encoding": {"y": {"field": "node", "type": "nominal"},
-                 "x": {"field": "rows", "type": "quantitative"}},
-}
+def ask_later(key: str, what) -> None:
+    """Remember ``what`` to confirm under ``key`` (a button's callback)."""
+    st.session_state[f"_asking_{key}"] = what
 
 
-def _nodes_of(store, user, view: ProjectStatusView, rows_per_node) -> dict:
-    return per_view(view, "rows_per_node", lambda: rows_per_node(store, user, view.id))
+def forget(key: str) -> None:
+    st.session_state.pop(f"_asking_{key}", None)
 
+
+def _do(key: str, action: Callable[..., str | None], *args) -> None:
+    forget(key)
+    act(action, *args)
+
+
+def act(action: Callable[..., str | None], *args) -> None:
+    """Run ``action(*args)`` in a callback; its message, or its engine error, shows on the
+    next run (``outcome``)."""
+    try:
+        done = action(*args)
+    except ConstellationError as exc:
+        st.session_state["_outcome"] = ("error", errors.plain(errors.message(exc)))
+        return
+    if done:
+        st.session_state["_outcome"] = ("success", errors.plain(done))
+
+
+def outcome() -> None:
+    """What the last action did, once."""
+    kind, text = st.session_state.pop("_outcome", (None, None))
+    if kind == "error":
+        st.error(text, icon=":material/error:")
+    elif kind == "success":
+        st.success(text, icon=":material/check_circle:")
+
+
+# -- per-session caches -------------------------------------------------------------------
 
 # Counting a million-row project's tasks per node or per error type takes 0.3-0.6 s, too
 # much for every 2-s refresh: a finished project's answer never changes, and a running
@@ -210,47 +170,7 @@ def per_view(view: ProjectStatusView, what: str, compute):
     key = (what, view.id, view.finished_at)
     now = time.monotonic()
     hit = cache.get(key)
-    finished = view.status not in ("submitted", "running")
+    finished = ProjectStatus(view.status).is_terminal()
     if hit is None or (not finished and now - hit[0] > _REFRESH_RUNNING_SECONDS):
         hit = cache[key] = (now, compute())
     return hit[1]
-
-
-def keyset_pager(container, key: str, fetch):
-    """Previous/next paging by key: ``fetch(after)`` returns a page with ``next_after``.
-
-    The buttons act in callbacks, before the next run renders, so both are drawn with
-    the page they lead to already known.
-    """
-    stack = st.session_state.setdefault(key, [-1])
-    page = fetch(stack[-1])
-    with container:
-        left, middle, right = st.columns([1, 2, 1], vertical_alignment="center")
-        left.button("Previous", key=f"{key}_prev", disabled=len(stack) == 1,
-                    icon=":material/chevron_left:", on_click=stack.pop)
-        right.button("Next", key=f"{key}_next", disabled=page.next_after is None,
-                     icon=":material/chevron_right:", on_click=stack.append,
-                     args=(page.next_after,))
-        middle.caption(f"Page {len(stack)} of the {page.total:,} failed rows")
-    return page
-
-
-def results_table(page) -> None:
-    if not page.rows:
-        st.info("No rows to show.", icon=":material/inbox:")
-        return
-    frame = pd.DataFrame([
-        {"row": r.row, **{f"in: {c}": r.values.get(c) for c in page.columns}, "status": r.status,
-         "output": None if r.output is None else json.dumps(r.output, ensure_ascii=False),
-         "error": r.error, "verification": r.verification} for r in page.rows])
-    st.dataframe(frame, hide_index=True)
-
-
-def error_groups(groups) -> None:
-    if not groups:
-        st.caption("No failed rows.")
-        return
-    for group in groups:
-        with st.expander(f"{errors.plain(group.kind)}: {group.count:,} rows"):
-            st.caption(f"Example: row {group.example_row}")
-            st.code(group.example_traceback or group.example_error, language=None)

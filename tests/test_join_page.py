@@ -80,10 +80,13 @@ def test_admins_see_quarantined_nodes_with_their_reason_and_can_trust_a_node(por
     at = open_page(signed_in("root"), "app_pages/admin.py")
     assert any("old-pc" in e.value and "bubblewrap" in e.value for e in at.error)
     table = next(df.value for df in at.dataframe if "health" in df.value)
-    assert list(table.loc[table["host"] == "old-pc", "why"])[0].startswith("bubblewrap is not installed")
+    assert list(table.loc[table["machine"] == "old-pc", "why"])[0].startswith("bubblewrap is not installed")
     at.selectbox(key="trust_choice").set_value(
         next(o for o in at.selectbox(key="trust_choice").options if "desktop" in o))
     trust_button = next(b for b in at.button if b.label == "Trust / stop trusting")
     trust_button.click()
     at.run()
     assert {v.hostname: v.trusted for v in nodes.list_nodes(portal)}["desktop"] is True
+    # The table shows it in the same run.
+    table = next(df.value for df in at.dataframe if "health" in df.value)
+    assert list(table.loc[table["machine"] == "desktop", "trusted"]) == [True]

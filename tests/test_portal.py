@@ -25,7 +25,7 @@ USERS = {
 }
 # page -> (its title, who may use it: a set of user names; None stands for anonymous)
 PAGES = {
-    "app_pages/login.py": ("Sign in", {None}),
+    "app_pages/login.py": ("Constellation", {None}),
     "app_pages/register.py": ("Register", {None}),
     "app_pages/projects.py": ("Projects", {"ada", "bob", "both", "root"}),
     "app_pages/submit.py": ("Submit a project", {"ada", "bob", "both", "root"}),
@@ -62,13 +62,15 @@ def sign_in(at: AppTest, name: str, password: str = PASSWORD) -> AppTest:
 
 
 def signed_in(name: str | None) -> AppTest:
+    """A session signed in through the form. In a browser, the sign-in cookie's component
+    starts the run after the one that signed in; here the test starts it."""
     at = app()
     if name is None:
         return at
     sign_in(at, name)
-    assert [s.value for s in at.success] == [f"Welcome, {name}."], [e.value for e in at.error]
-    at.button(key="continue").click()
+    assert texts(at, "success") == [f"Signed in as {name}."], texts(at, "error")
     at.run()
+    assert not at.exception, at.exception
     return at
 
 
@@ -128,8 +130,14 @@ def test_role_gating_matrix(portal, who):
             wanted = "an admin" if page.endswith("admin.py") else \
                 "a volunteer" if page.endswith("join.py") else "a researcher"
             assert texts(at, "warning") == [f"Sign in with {wanted} account to use this page."], page
+            # ... and the sign-in form is right there, so that the link still works afterwards.
+            assert [t.label for t in at.text_input] == ["User name", "Password"], page
         else:
-            assert any(e.startswith("Not allowed: this needs the") for e in texts(at, "error")), page
+            # Told what the page is for and how to get the role, not only "not allowed".
+            [told] = texts(at, "warning")
+            assert told.startswith("This page is for") and f"Your account {who} has the" in told
+            assert ("ask an admin to add the role" in told) if not page.endswith("admin.py") \
+                else ("command line" in told), (who, page, told)
         assert not at.file_uploader and not at.dataframe, (who, page)
 
 
@@ -147,12 +155,17 @@ def register(at, name: str, email: str | None = None, password: str = "a good pa
     return at.run()
 
 
-def test_register_then_sign_in(portal):
+def test_registering_signs_in_and_lands_on_the_users_page(portal):
     at = register(open_page(app(), "app_pages/register.py"), "Cleo", "cleo@x.org", role="Both")
-    assert texts(at, "success") == ["Account cleo created. Sign in to continue."]
+    assert texts(at, "success") == ["Account cleo created.", "Signed in as cleo."]
     assert accounts.get_user(portal, "cleo").role_set == {"researcher", "volunteer"}
+    at.run()  # the run the sign-in cookie's component starts in a browser
+    assert titles(at) == ["Projects"] and at.session_state["username"] == "cleo"
+    at = register(open_page(app(), "app_pages/register.py"), "vera", "v@x.org", role="Volunteer")
+    assert titles(at.run()) == ["Join cluster"]
+    # The same password signs in from another session.
     at = sign_in(open_page(app(), "app_pages/login.py"), "cleo", "a good password")
-    assert texts(at, "success") == ["Welcome, cleo."]
+    assert texts(at, "success") == ["Signed in as cleo."]
 
 
 def test_registration_errors_come_from_the_engine(portal):
@@ -174,8 +187,12 @@ def test_wrong_passwords_lock_the_account_and_disabled_users_cannot_sign_in(port
     assert not at.session_state["authentication_status"]
 
     accounts.disable_user(portal, accounts.get_user(portal, "root"), "bob")
+    # Told that the account is disabled, but only after the right password: a wrong one
+    # gets the same answer as a name that does not exist.
+    at = sign_in(app(), "bob", "wrong password")
+    assert texts(at, "error") == ["Wrong user name or password."]
     at = sign_in(app(), "bob")
-    assert "Wrong user name or password." in texts(at, "error")
+    assert texts(at, "error") == ["The account 'bob' is disabled; an admin can enable it again."]
     assert not at.session_state["authentication_status"]
 
 
@@ -234,7 +251,7 @@ def test_submit_validates_on_upload_trial_runs_and_submits(portal):
     assert list(trial["status"]) == ["succeeded", "succeeded", "failed", "succeeded", "succeeded"]
     assert trial["error"][2] == "ValueError: row 3 is divisible by three"
     assert list(trial["output"][:2]) == ["1", "2"]
-    assert any(i.startswith("Estimated run time on the cluster") for i in texts(at, "info"))
+    assert any(i.startswith("Estimated computing time on the cluster") for i in texts(at, "info"))
 
     at.button(key="run_button").click()
     at.run()
@@ -306,7 +323,7 @@ def test_projects_empty_state(portal):
 def test_status_after_a_project_completes(portal):
     pid = submit(portal, "ada", rows=30)
     complete(portal, pid, fail_every=10)
-    at = open_page(signed_in("ada"), "app_pages/projects.py")
+    at = open_page(signed_in("ada"), "app_pages/projects.py", id=pid)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Succeeded"] == "27" and metrics["Failed"] == "3" and metrics["Pending"] == "0"
     assert metrics["ETA"] == "done"
@@ -319,23 +336,32 @@ def test_cancel_a_running_project(portal):
     pid = submit(portal, "ada", rows=30)
     with portal.session() as s:
         transition_project(s, pid, ProjectStatus.RUNNING)
-    at = open_page(signed_in("ada"), "app_pages/projects.py")
+    at = open_page(signed_in("ada"), "app_pages/projects.py", id=pid)
     at.button(key=f"cancel_{pid}").click()
+    at.run()
+    # Asked first: nothing is cancelled yet.
+    assert any(f"Cancel project #{pid}?" in w for w in texts(at, "warning"))
+    with portal.session() as s:
+        assert s.get(Project, pid).status == "running"
+    at.button(key=f"cancel_{pid}_yes").click()
     at.run()
     with portal.session() as s:
         assert s.get(Project, pid).status == "cancelled"
+    assert f"Project {pid} is cancelled." in texts(at, "success")
     assert not any(b.label == "Cancel" for b in at.button)
+    # What happened to every row: none ran, and none will.
+    assert {m.label: m.value for m in at.metric}["Not run"] == "30"
 
 
 def test_projects_list_only_own_projects_but_admins_see_all(portal):
     submit(portal, "ada", title="ada's")
     submit(portal, "bob", title="bob's")
     at = open_page(signed_in("ada"), "app_pages/projects.py")
-    shown = " ".join(m.value for m in at.markdown)
-    assert "ada's" in shown and "bob's" not in shown
+    table = at.dataframe[0].value
+    assert list(table["title"]) == ["ada's"] and "owner" not in table
     at = open_page(signed_in("root"), "app_pages/projects.py")
-    shown = " ".join(m.value for m in at.markdown)
-    assert "ada's" in shown and "bob's" in shown
+    table = at.dataframe[0].value
+    assert list(table["title"]) == ["bob's", "ada's"] and list(table["owner"]) == ["bob", "ada"]
 
 
 @pytest.mark.parametrize("page", ["app_pages/projects.py", "app_pages/results.py"])
@@ -363,7 +389,7 @@ def test_results_pages_filters_groups_and_offers_downloads(portal):
     assert list(table["in: x"][:3]) == [1, 2, 3] and table["output"][1] == "4"
     assert table["status"][0] == "failed" and table["error"][7] == "ValueError: row 7"
 
-    at.number_input(key=f"page_{pid}_100").set_value(11)
+    at.number_input(key=f"page_{pid}_100_all").set_value(11)
     at.run()
     assert list(at.dataframe[0].value["row"]) == list(range(1000, 1100))
 
@@ -371,10 +397,16 @@ def test_results_pages_filters_groups_and_offers_downloads(portal):
     at.run()
     failed = [i for i in range(2500) if i % 7 == 0]
     assert list(at.dataframe[0].value["row"]) == failed[:100]
-    at.button(key=f"failed_{pid}_100_next").click()
+    # The same page control as all rows, counting failed rows.
+    pager = at.number_input(key=f"page_{pid}_100_failed")
+    assert pager.label == f"Page (of 4: {len(failed)} failed rows)"
+    pager.set_value(2)
     at.run()
     assert list(at.dataframe[0].value["row"]) == failed[100:200]
-    at.button(key=f"failed_{pid}_100_prev").click()
+    at.number_input(key=f"page_{pid}_100_failed").set_value(4)
+    at.run()
+    assert list(at.dataframe[0].value["row"]) == failed[300:]
+    at.number_input(key=f"page_{pid}_100_failed").set_value(1)
     at.run()
     assert list(at.dataframe[0].value["row"]) == failed[:100]
 
@@ -430,13 +462,35 @@ def test_join_shows_the_volunteers_command(portal):
 def test_admin_disables_users_and_cancels_projects(portal):
     pid = submit(portal, "ada")
     at = open_page(signed_in("root"), "app_pages/admin.py")
-    at.selectbox(key="disable_name").set_value("bob")
-    at.button[0].click()
+    at.selectbox(key="user_choice").set_value("bob")
+    at.run()
+    at.button(key="disable_user").click()
+    at.run()
+    # Asked first.
+    assert any("Disable bob?" in w for w in texts(at, "warning"))
+    assert not accounts.get_user(portal, "bob").disabled
+    at.button(key="user_yes").click()
     at.run()
     assert accounts.get_user(portal, "bob").disabled
-    at.selectbox(key="cancel_choice").set_value(next(
-        o for o in at.selectbox(key="cancel_choice").options if o.startswith(f"#{pid}")))
-    [b for b in at.button if b.label == "Cancel project"][0].click()
+    # The users table already shows it, in the same run.
+    users = at.dataframe[0].value
+    assert list(users.loc[users["name"] == "bob", "status"]) == ["disabled"]
+    assert "User bob is disabled; their sessions have ended." in texts(at, "success")
+    # And back.
+    at.button(key="enable_user").click()
+    at.run()
+    assert not accounts.get_user(portal, "bob").disabled
+    users = at.dataframe[0].value
+    assert list(users.loc[users["name"] == "bob", "status"]) == ["active"]
+
+    at.selectbox(key="cancel_choice").set_value(pid)
+    at.button(key="cancel_project").click()
+    at.run()
+    with portal.session() as s:
+        assert s.get(Project, pid).status == "submitted"
+    at.button(key="cancel_yes").click()
     at.run()
     with portal.session() as s:
         assert s.get(Project, pid).status == "cancelled"
+    projects_table = at.dataframe[1].value
+    assert list(projects_table.loc[projects_table["id"] == pid, "status"]) == ["cancelled"]

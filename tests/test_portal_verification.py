@@ -26,7 +26,7 @@ def test_replicated_project_shows_verification_on_status_and_results(portal):
         decide_rows(s, pid, [(ok[0], "n1", "verified", ("alice", "bob"), ("alice", "bob")),
                              (ok[1], "n1", "verified", ("alice", "bob"), ("alice", "bob"))])
         s.get(Project, pid).notice = "waiting for 1 more volunteer"
-    at = open_page(signed_in("ada"), "app_pages/projects.py")
+    at = open_page(signed_in("ada"), "app_pages/projects.py", id=pid)
     metrics = {m.label: m.value for m in at.metric}
     assert (metrics["Verified"], metrics["Inconclusive"], metrics["Executions per row"]) == ("2", "0", "2.50")
     assert any("waiting for 1 more volunteer" in w.value for w in at.warning)
@@ -46,7 +46,7 @@ def test_rerun_failed_rows_button_starts_a_new_attempt(portal):
         transition_project(s, pid, ProjectStatus.RUNNING)
         record_results(s, pid, [RowResult(0, True, "1", None, None, 0.1),
                                 RowResult(1, False, None, "ValueError: three", None, 0.1)], "n1")
-    at = open_page(signed_in("ada"), "app_pages/projects.py")
+    at = open_page(signed_in("ada"), "app_pages/projects.py", id=pid)
     [button] = [b for b in at.button if b.label == "Re-run failed rows"]
     button.click()
     at.run()

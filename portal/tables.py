@@ -1,0 +1,106 @@
+"""Tables: the list of projects, a page of results, and the node lists."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from engine.projects import one_line
+from engine.status import ProjectStatus
+from portal import errors
+from portal.panels import node_machine
+
+
+def projects_table(views, *, show_owner: bool, key: str = "projects_table") -> int | None:
+    """A compact, sortable table of projects; returns the id of the one selected, if any.
+
+    Each row links to the project's live panel (``?id=N``); selecting a row opens it here.
+    """
+    rows = []
+    for v in views:
+        done = v.rows_succeeded + v.rows_failed
+        row = {"#": v.id, "title": one_line(v.title), "status": v.status,
+               "progress": done / v.rows_total if v.rows_total else 1.0,
+               "rows": f"{done:,} / {v.rows_total:,}", "failed": v.rows_failed,
+               "rows/s": None if v.rows_per_second is None else round(v.rows_per_second, 2),
+               "created": pd.Timestamp(v.created_at).tz_convert(None) if v.created_at else None,
+               "link": f"projects?id={v.id}"}
+        if show_owner:
+            row["owner"] = v.owner
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    config = {
+        "#": st.column_config.NumberColumn(width="small", format="%d"),
+        "title": st.column_config.TextColumn(width="large"),
+        "progress": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0, format="percent"),
+        "created": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm"),
+        "link": st.column_config.LinkColumn("open", display_text="open", width="small",
+                                            help="The project's live panel (in a new tab)"),
+    }
+    event = st.dataframe(frame, hide_index=True, column_config=config, key=key,
+                         on_select="rerun", selection_mode="single-row",
+                         height=min(38 + 35 * max(1, len(rows)), 38 + 35 * 15))
+    selected = event.selection.rows if event is not None else []
+    return int(frame.iloc[selected[0]]["#"]) if selected else None
+
+
+def filter_projects(views, text: str, statuses: list[str]):
+    """The projects whose title contains ``text`` and whose status is one of ``statuses``."""
+    text = (text or "").strip().lower()
+    return [v for v in views if (not statuses or v.status in statuses)
+            and (not text or text in v.title.lower() or text == str(v.id))]
+
+
+def status_choices() -> list[str]:
+    return [s.value for s in ProjectStatus]
+
+
+def results_table(page, *, show_inputs: bool = True) -> None:
+    """A page of results: row, status, the output (one column per key when every output on
+    the page is a dict, as in the CSV), error and verification, then the inputs."""
+    if not page.rows:
+        st.info("No rows to show.", icon=":material/inbox:")
+        return
+    expanded = page.output_columns()
+    records = []
+    for r in page.rows:
+        record = {"row": r.row, "status": r.status}
+        if expanded is None:
+            record["output"] = None if r.output is None else json.dumps(r.output, ensure_ascii=False)
+        else:
+            output = r.output if isinstance(r.output, dict) else {}
+            for column, key in expanded.items():
+                value = output.get(key)
+                record[column] = json.dumps(value, ensure_ascii=False) \
+                    if isinstance(value, (list, dict)) else value
+        record["error"] = errors.readable(r.error)
+        record["verification"] = r.verification
+        if show_inputs:
+            record.update({f"in: {c}": r.values.get(c) for c in page.columns})
+        records.append(record)
+    frame = pd.DataFrame(records)
+    for column in frame.columns:
+        # A column of mixed types (numbers here, text there) cannot become one Arrow column.
+        kinds = {type(v) for v in frame[column] if v is not None and v == v}
+        if len(kinds - {int, float}) > 1 or (kinds & {int, float} and kinds - {int, float}):
+            frame[column] = frame[column].map(lambda v: None if v is None else str(v))
+    st.dataframe(frame, hide_index=True,
+                 column_config={"error": st.column_config.TextColumn(width="large")})
+
+
+def node_rows(registry, *, admin: bool) -> pd.DataFrame:
+    """Node lists for people: whose machine and which one first; a short id only for admins
+    (the CLI's ``trust-node`` takes it)."""
+    records = []
+    for n in registry:
+        record = {"owner": n.attribution, "machine": node_machine(n), "status": n.status,
+                  "health": n.health, "why": errors.readable(n.health_reason),
+                  "trusted": n.trusted, "CPUs": n.cpus, "sandbox": n.sandbox,
+                  "tasks": n.tasks_completed, "last active": n.last_activity,
+                  "last seen": n.last_seen}
+        if admin:
+            record["id"] = n.node_id[:12]
+        records.append(record)
+    return pd.DataFrame(records)
