@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("dataset", type=Path)
     submit.add_argument("--title")
     submit.add_argument("--description", default="")
-    submit.add_argument("--owner", help="user name (default: the local admin account)")
+    submit.add_argument("--owner", help="user name (default: the command line's own account, "
+                                        "'admin')")
     submit.add_argument("--batch-size", type=int)
     submit.add_argument("--row-timeout", type=float)
     submit.add_argument("--replication", type=int,
@@ -84,6 +85,15 @@ def _parser() -> argparse.ArgumentParser:
     user_list.add_argument("--json", action="store_true")
     user_disable = user_commands.add_parser("disable", help="stop an account from signing in")
     user_disable.add_argument("name")
+    user_enable = user_commands.add_parser("enable", help="let a disabled account sign in again")
+    user_enable.add_argument("name")
+    user_grant = user_commands.add_parser("grant", help="give an account another role")
+    user_grant.add_argument("name")
+    user_grant.add_argument("--role", required=True, choices=[r.value for r in accounts.Role])
+    user_commands.add_parser(
+        "reclaim-admin", help=f"make '{accounts.LOCAL_ADMIN}' the command line's own account again "
+                              f"(if someone registered the name before it was reserved): the "
+                              f"admin role, no password, its sessions ended")
 
     join = commands.add_parser("join-command", help="the command that joins a machine as VOLUNTEER's node")
     join.add_argument("volunteer")
@@ -104,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     board.add_argument("--window", choices=["24h", "7d", "all"], default="all")
     board.add_argument("--json", action="store_true")
 
-    commands.add_parser("init", help="create the database and the cluster token")
+    commands.add_parser("init", help="create the database, the cluster token and the command "
+                                     "line's own account ('admin', without a password)")
     commands.add_parser("dispatcher", help="run the dispatcher in the foreground")
     serve = commands.add_parser("serve", help="run the Ray head, the dispatcher and the portal (make run)")
     serve.add_argument("--no-portal", action="store_true", help="run only the head and the dispatcher")
@@ -257,6 +268,16 @@ def _user(args, settings: Settings) -> int:
         else:
             for v in views:
                 print(f"{v.name}\t{','.join(v.roles)}\t{'disabled' if v.disabled else 'active'}\t{v.email}")
+    elif args.user_command == "enable":
+        accounts.enable_user(store, accounts.local_admin(store), args.name)
+        print(f"user {args.name} enabled")
+    elif args.user_command == "grant":
+        user = accounts.grant_role(store, accounts.local_admin(store), args.name,
+                                   accounts.Role(args.role))
+        print(f"user {user.name}: roles {user.roles}")
+    elif args.user_command == "reclaim-admin":
+        accounts.reclaim_local_admin(store)
+        print(f"user {accounts.LOCAL_ADMIN} is the command line's own account again")
     else:
         accounts.disable_user(store, accounts.local_admin(store), args.name)
         print(f"user {args.name} disabled")
@@ -330,6 +351,7 @@ def _leaderboard(args, settings: Settings) -> int:
 def _init(args, settings: Settings) -> int:
     store = Store(settings)
     cluster.cluster_token(settings)
+    accounts.local_admin(store)  # reserved from the start: nobody can register the name first
     print(f"database ready (schema {store.schema_version()}) at {settings.database_url}")
     return 0
 
@@ -353,6 +375,8 @@ def _dispatcher(args, settings: Settings) -> int:
 def _serve(args, settings: Settings) -> int:
     from engine.supervisor import Supervisor
 
+    # The command line's own account exists before the portal lets anyone register.
+    accounts.local_admin(Store(settings))
     return Supervisor(settings, portal=not args.no_portal).run()
 
 

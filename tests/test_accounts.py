@@ -246,3 +246,37 @@ def test_a_version_3_database_gets_account_sessions(store, settings):
     accounts.end_sessions(migrated, "ada")
     assert not accounts.session_current(migrated, "ada", time.time() - 1)
     migrated.engine.dispose()
+
+
+def test_init_reserves_the_command_lines_own_account(settings, store):
+    assert cli(settings, "init").returncode == 0
+    [admin] = json.loads(cli(settings, "user", "list", "--json").stdout)
+    assert (admin["name"], admin["roles"]) == ("admin", ["admin", "researcher"])
+    assert "command line's own account" in admin["note"]
+    with pytest.raises(InvalidRequest, match="reserved"):
+        accounts.register_user(store, "admin", "a@x.org", "long enough", {Role.RESEARCHER})
+
+
+def test_the_cli_refuses_an_admin_someone_registered_until_it_is_reclaimed(settings, store):
+    # A database from before the name was reserved: a visitor registered "admin".
+    squatter = accounts.create_user(store, "admin", {Role.RESEARCHER},
+                                    password_hash=accounts.hash_password("long enough"))
+    listed = cli(settings, "user", "list")
+    assert listed.returncode == 4 and "not the command line's own account" in listed.stderr
+    assert "reclaim-admin" in listed.stderr
+    assert cli(settings, "user", "reclaim-admin").returncode == 0
+    with pytest.raises(Forbidden):
+        accounts.authenticate(store, "admin", "long enough")  # the squatter's password is gone
+    assert not accounts.session_current(store, "admin", squatter.created_at + 1)
+    assert cli(settings, "user", "list").returncode == 0
+
+
+def test_cli_enables_users_and_grants_roles(settings, store):
+    accounts.register_user(store, "ada", "a@x.org", "long enough", {Role.RESEARCHER})
+    assert cli(settings, "user", "disable", "ada").returncode == 0
+    assert cli(settings, "user", "enable", "ada").returncode == 0
+    assert not accounts.get_user(store, "ada").disabled
+    done = cli(settings, "user", "grant", "ada", "--role", "volunteer")
+    assert done.returncode == 0, done.stderr
+    assert accounts.get_user(store, "ada").role_set == {"researcher", "volunteer"}
+    assert cli(settings, "user", "enable", "nobody").returncode == 3
