@@ -366,14 +366,15 @@ class _Child:
         groups: list[tuple[int, list[tuple]]] = []  # (mark, results without CPU time)
         ended = [None]
 
-        def finish(end: str, settle: bool = False) -> tuple[list[tuple], str]:
-            # Read the child's clock before it is closed (a recycle, a timeout).
+        def finish(end, settle: bool = False) -> tuple[list[tuple], str]:
+            # Read the child's clock before it is closed: ``end`` is the end's text, or
+            # what closes the child and says why (a broken protocol, a death).
             ended[0] = self._reading(settle=settle)
-            return _price(groups, self._marks, started, ended[0]), end
+            return _price(groups, self._marks, started, ended[0]), end() if callable(end) else end
 
         if not self._send({"columns": list(columns), "rows": list(rows),
                            "isolate": isolate, "timeout": timeout}):
-            return finish(self._death_text())
+            return finish(self._death_text)
         expected = iter(index for index, _ in rows)
         count = 0
         while True:
@@ -385,8 +386,8 @@ class _Child:
                     self.close()
                     return priced
                 if self.failure == "protocol":
-                    return finish(self._protocol_error())
-                return finish(self._death_text())
+                    return finish(self._protocol_error)
+                return finish(self._death_text)
             kind = message.get("t")
             if kind == "results":
                 items = message.get("r")
@@ -395,7 +396,7 @@ class _Child:
                     result = _parse_result(item, next(expected, None))
                     if result is None:
                         groups.append((len(self._marks) - 1, group))
-                        return finish(self._protocol_error())
+                        return finish(self._protocol_error)
                     group.append(result)
                 groups.append((len(self._marks) - 1, group))
                 count += len(group)
@@ -403,7 +404,7 @@ class _Child:
                 if count != len(rows):
                     # A script can write to the result pipe itself; a "done" that leaves
                     # rows unanswered would lose them silently.
-                    return finish(self._protocol_error())
+                    return finish(self._protocol_error)
                 self.recycle = _str_or_none(message.get("recycle"))
                 if self.recycle is not None:
                     logger.info("sandbox: replacing a child after its batch: %s", self.recycle)
@@ -416,7 +417,7 @@ class _Child:
                 self.close()
                 return priced
             else:
-                return finish(self._protocol_error())
+                return finish(self._protocol_error)
 
     def _find_processes(self) -> None:
         # Found now, before the script runs: nothing of research code can stand in for them.
