@@ -92,8 +92,7 @@ class Viewers:
         return not self.over
 
 
-PANEL = re.compile(r"· #(\d+)")
-PROGRESS = re.compile(r"^([\d,]+) of ([\d,]+) rows")
+PROGRESS = re.compile(r"^([\d,]+) / ([\d,]+)$")  # the projects table's "rows" column
 
 
 async def watch_projects(session: Session, seen: dict[int, set[int]], viewers: Viewers) -> None:
@@ -105,14 +104,13 @@ async def watch_projects(session: Session, seen: dict[int, set[int]], viewers: V
     started = time.monotonic()
     while await viewers.turn(session, started, interval):
         started = time.monotonic()
-        project = None
         for element in await session.rerun(fragment=fragment):
-            kind = element.WhichOneof("type")
-            if kind == "markdown" and PANEL.search(element.markdown.body):
-                project = int(PANEL.search(element.markdown.body).group(1))
-            elif kind == "progress" and project is not None:
-                done, total = PROGRESS.match(element.progress.text).groups()
-                seen.setdefault(project, set()).add(int(done.replace(",", "")))
+            if element.WhichOneof("type") != "dataframe":
+                continue
+            table = _arrow(element.dataframe)
+            for project, rows in zip(table.get("#", []), table.get("rows", [])):
+                done, _total = PROGRESS.match(rows).groups()
+                seen.setdefault(int(project), set()).add(int(done.replace(",", "")))
         session.refreshes.append(time.monotonic() - started)
 
 
@@ -143,15 +141,19 @@ async def watch_results(session: Session, project_of, checked: list[tuple[int, i
         checked.append((project, page))
 
 
-def _check_table(session: Session, elements, project: int, page: int) -> None:
+def _arrow(dataframe) -> dict:
     import pyarrow as pa
 
+    data = dataframe.arrow_data.data or dataframe.lazy_data.initial_chunk.data
+    return pa.ipc.open_stream(io.BytesIO(data)).read_all().to_pydict()
+
+
+def _check_table(session: Session, elements, project: int, page: int) -> None:
     tables = [e.dataframe for e in elements if e.WhichOneof("type") == "dataframe"]
     if len(tables) != 1:
         session.problems.append(f"project {project} page {page}: {len(tables)} tables")
         return
-    data = tables[0].arrow_data.data or tables[0].lazy_data.initial_chunk.data
-    table = pa.ipc.open_stream(io.BytesIO(data)).read_all().to_pydict()
+    table = _arrow(tables[0])
     first = (page - 1) * PAGE_ROWS
     wanted = list(range(first, min(first + PAGE_ROWS, ROWS)))
     if table["row"] != wanted or table["in: x"] != wanted:
