@@ -1,7 +1,12 @@
 """Reading and checking uploaded datasets: CSV, JSON (an array of objects) and JSON Lines.
 
 Every problem raises ``InvalidDataset`` with a message that names the file and the line,
-row or byte at fault, before anything is stored.
+row or column at fault, before anything is stored. docs/datasets.md is the user's side
+of this module: the typing rule, what is refused, and why.
+
+CSV cells reach ``main`` exactly as the file has them. A column is typed only when the
+typed values give back exactly its text (``_typed_column``): a postcode ``08123`` stays
+the string ``"08123"``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("csv", "json", "jsonl")
 _EXTENSIONS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-
 
 @dataclass
 class Dataset:
@@ -98,7 +102,7 @@ def _size(n: int) -> str:
 
 def _decode(name: str, data: bytes) -> str:
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")  # a leading byte-order mark is not part of the text
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise InvalidDataset(
@@ -116,117 +120,156 @@ def _check_columns(name: str, columns: list[str]) -> None:
         seen.add(column)
 
 
+# -- CSV ---------------------------------------------------------------------------------
+
 def _parse_csv(name: str, text: str) -> Dataset:
-    # The csv module reads first: it knows physical line numbers, which pandas does not, and
-    # it sees the header before pandas renames duplicates ("a", "a.1").
-    reader = csv.reader(io.StringIO(text, newline=""))
+    if "\x00" in text:
+        # Almost always a UTF-16 file read as UTF-8, which would give every cell a NUL.
+        raise InvalidDataset(
+            f"{name}, line {_csv_line(text, text.index(chr(0)))}: a NUL character (byte 0x00); "
+            f"CSV text holds none: if the file was saved as UTF-16, save it as UTF-8")
+    # strict: a quote that does not close its cell is refused, not guessed at.
+    reader, records = _records(text, strict=True)
     try:
-        header = next(reader)
+        header = next(records)
         _check_columns(name, header)
-        records = list(filter(None, reader))  # blank lines are skipped, as pandas does
+        records = list(records)
     except csv.Error as exc:
-        raise InvalidDataset(f"{name}, line {reader.line_num}: {exc}") from None
+        raise _csv_error(name, text, reader.line_num, exc) from None
     if not records:
         raise InvalidDataset(f"{name}: the file has a header but no rows")
-    if max(map(len, records)) > len(header):
-        _raise_too_wide(name, text, len(header))
-    rows = _typed_as_pandas_would(header, records)
-    if rows is None:
-        header, rows = _typed_by_pandas(text)
-    return Dataset(name, "csv", header, rows)
+    width = len(header)
+    if max(map(len, records)) > width:
+        _raise_too_wide(name, text, width)
+    if min(map(len, records)) < width:  # missing trailing cells are empty
+        records = [record + [""] * (width - len(record)) for record in records]
+    columns = [_typed_column(cells) for cells in zip(*records)]
+    return Dataset(name, "csv", header, list(map(list, zip(*columns))))
+
+
+def _records(text: str, strict: bool = False) -> tuple[Any, Iterator[list[str]]]:
+    """A reader, and its records without blank lines: before the header too, and lines of
+    only spaces and tabs (as pandas skips them), which the reader gives as one cell."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=strict)
+    return reader, (_unblank(reader, text) if _SPACES_LINE.search(text) else filter(None, reader))
+
+
+_SPACES_LINE = re.compile(r"(?:\A|[\r\n])[ \t]+(?:[\r\n]|\Z)")
+
+
+def _unblank(reader: Iterator[list[str]], text: str) -> Iterator[list[str]]:
+    lines = re.split(r"\r\n|\r|\n", text)  # as the reader counts them (line_num)
+    for record in reader:
+        # A quoted "  " is a cell: its line holds the quotes, so it is not blank.
+        if record and not (len(record) == 1 and not lines[reader.line_num - 1].strip(" \t")):
+            yield record
+
+
+def _csv_line(text: str, offset: int) -> int:
+    """The line of ``offset`` as the csv module counts lines: \\n, \\r\\n or a lone \\r."""
+    before = text[:offset]
+    return before.count("\n") + before.count("\r") - before.count("\r\n") + 1
+
+
+def _csv_error(name: str, text: str, line: int, exc: csv.Error) -> InvalidDataset:
+    message = str(exc)
+    if message == "unexpected end of data":
+        # The reader stops at the end of the file; the cell that never closed began earlier.
+        reader = csv.reader(io.StringIO(text, newline=""))
+        start = 1
+        for _record in reader:
+            if reader.line_num == line:
+                break
+            start = reader.line_num + 1
+        return InvalidDataset(
+            f"{name}, line {start}: a quoted cell is never closed: the file ends inside it; "
+            f"expected a closing \" (write a quote inside a quoted cell as \"\")")
+    if message.startswith("',' expected after '\"'"):
+        return InvalidDataset(
+            f"{name}, line {line}: text after a quoted cell's closing quote; expected a comma "
+            f"or the end of the line (write a quote inside a quoted cell as \"\")")
+    return InvalidDataset(f"{name}, line {line}: {message}")
 
 
 def _raise_too_wide(name: str, text: str, width: int) -> None:
     """Name the first row with more cells than the header: read again, counting lines."""
-    reader = csv.reader(io.StringIO(text, newline=""))
-    next(reader)
-    count = 0
-    for record in reader:
-        if record:
-            count += 1
-            if len(record) > width:
-                raise InvalidDataset(
-                    f"{name}, line {reader.line_num} (row {count}): {len(record)} cells, "
-                    f"but the header has {width} columns")
+    reader, records = _records(text)
+    next(records)
+    for count, record in enumerate(records, start=1):
+        if len(record) > width:
+            raise InvalidDataset(
+                f"{name}, line {reader.line_num} (row {count}): {len(record)} cells, "
+                f"but the header has {width} columns")
 
 
-# The values pandas' C parser might read as a number or a boolean; a cell that is none of
-# these is text for certain, and so is its whole column.
-_MAYBE_NUMBER = re.compile(r"\s*[-+0-9.,_eE]*\s*")
-_MAYBE_WORDS = frozenset({"inf", "infinity", "nan", "true", "false"})
-_INT = "-?[0-9]{1,18}"  # within int64: longer integers are left to pandas
-_FLOAT = "-?(?:[0-9]+\\.[0-9]*|\\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?"
-_LONG_INT = re.compile(r"-?[0-9]{19,}")
+# The typing rule, written once: a column's non-empty cells become numbers when each one is
+# exactly how Python writes that number back (str() of an int within 64 bits, repr() of a
+# finite float), or booleans when all are true/false in one spelling; otherwise the whole
+# column is text. An empty cell is None. The regexes only pick the candidates quickly;
+# the round trip itself decides.
+_INT = "(?:0|-?[1-9][0-9]{0,18})"  # no "-0", no leading zeros, no "+"
+_FLOAT = "-?(?:0|[1-9][0-9]*)(?:\\.[0-9]+)?(?:e[-+][0-9]+)?"  # the shapes repr() writes
+_INT_CELL = re.compile(_INT)
 # Whole columns at once, cells joined by newlines: one regex call instead of one per cell.
 _INTS = re.compile(f"{_INT}(?:\n{_INT})*")
-_NUMBERS = re.compile(f"(?:{_INT}|{_FLOAT})(?:\n(?:{_INT}|{_FLOAT}))*")
-_BOOLS = {"True": True, "TRUE": True, "true": True, "False": False, "FALSE": False, "false": False}
+_NUMBERS = re.compile(f"{_FLOAT}(?:\n{_FLOAT})*")
+_INT64 = range(-2**63, 2**63)
+_BOOL_SPELLINGS = ({"true": True, "false": False}, {"True": True, "False": False},
+                   {"TRUE": True, "FALSE": False})
 
 
-def _typed_as_pandas_would(header: list[str], records: list[list[str]]) -> list[list[Any]] | None:
-    """The rows with the types ``pandas.read_csv`` would give them, without importing pandas.
-
-    Importing pandas costs about half a second, most of a small submission's set-up. This
-    handles the clear cases: each column all integers, all numbers, all booleans, or text
-    (at least one cell that can be nothing else). Anything less clear-cut returns None and
-    pandas decides; ``tests/test_dataset.py`` checks both give the same rows.
-    """
-    width = len(header)
-    if any(column != column.strip() for column in header):
-        return None  # pandas' handling of padded names is not worth copying
-    if min(map(len, records)) < width:  # missing trailing cells are empty
-        records = [record + [""] * (width - len(record)) for record in records]
-    columns = []
-    for cells in zip(*records):
-        present = list(filter(None, cells))
-        convert = _column_type(present)
-        if convert is None:
-            return None
-        if convert is str:
-            if width == 1 and any(map(str.isspace, present)):
-                return None  # whether pandas skips a line of spaces is its business
-            columns.append([cell or None for cell in cells])
-        elif len(present) == len(cells):
-            columns.append(list(map(convert, cells)))
-        else:
-            columns.append([convert(cell) if cell else None for cell in cells])
-    return list(map(list, zip(*columns)))
-
-
-def _column_type(present: list[str]) -> Any:
-    """How to convert a column's non-empty cells (str, int, float or a bool lookup), or None."""
+def _typed_column(cells: tuple[str, ...]) -> list[Any]:
+    """One column's values: all numbers, all booleans, or all text; empty cells are None."""
+    present = list(filter(None, cells))
     if not present:
-        return int  # every cell empty: all None
+        return [None] * len(cells)
+    values = _lossless_numbers(present)
+    if values is None:
+        values = _lossless_bools(present)
+    if values is None:
+        return [cell or None for cell in cells]
+    if len(present) == len(cells):
+        return values
+    typed = iter(values)
+    return [next(typed) if cell else None for cell in cells]
+
+
+def _lossless_numbers(present: list[str]) -> list[int | float] | None:
+    """int for an integer cell, float for a decimal one, if each reads back as its cell."""
     joined = "\n".join(present)
-    if joined.count("\n") == len(present) - 1:  # no cell holds a newline of its own
-        if _INTS.fullmatch(joined):
-            return int
-        if _NUMBERS.fullmatch(joined) and not any(map(_LONG_INT.fullmatch, present)):
-            return float
-    only_bools = True
-    for cell in present:
-        if cell in _BOOLS:
-            continue
-        if _MAYBE_NUMBER.fullmatch(cell) or cell.strip().lstrip("+-").lower() in _MAYBE_WORDS:
-            only_bools = False  # a number, or something pandas might read as one
+    if joined.count("\n") != len(present) - 1:
+        return None  # a cell holds a line break: text
+    if _INTS.fullmatch(joined):
+        values = list(map(int, present))
+        if max(map(len, present)) >= 19 and not all(v in _INT64 for v in values):
+            return None  # an identifier beyond 64 bits: its column stays text
+        return values
+    if not _NUMBERS.fullmatch(joined):
+        return None
+    floats = list(map(float, present))
+    if list(map(repr, floats)) == present:
+        return floats
+    values = []
+    for cell, number in zip(present, floats):
+        if repr(number) == cell:
+            values.append(number)
+        elif _INT_CELL.fullmatch(cell) and int(cell) in _INT64:
+            values.append(int(cell))  # "3" among decimals: the int 3, as JSON would give
         else:
-            return str  # one certain text cell makes the whole column text
-    # Booleans only; otherwise a mixture, or numbers pandas might read differently.
-    return _BOOLS.__getitem__ if only_bools else None
+            return None  # "1e5", "2.50", "1.", 17 significant digits: not what repr writes
+    return values
 
 
-def _typed_by_pandas(text: str) -> tuple[list[str], list[list[Any]]]:
-    import pandas as pd  # deferred: pandas takes half a second to import
+def _lossless_bools(present: list[str]) -> list[bool] | None:
+    for spelling in _BOOL_SPELLINGS:
+        if present[0] in spelling:
+            if set(present) <= spelling.keys():
+                return list(map(spelling.__getitem__, present))
+            return None  # mixed spellings: which one to write back would be a guess
+    return None
 
-    frame = pd.read_csv(io.StringIO(text), keep_default_na=False, na_values=[""],
-                        dtype_backend="numpy_nullable", skip_blank_lines=True)
-    columns = [str(c) for c in frame.columns]
-    # astype(object) turns numpy/pandas scalars into int, float, bool and str; where() makes
-    # missing cells None. Column-wise conversion is far faster than per-row.
-    values = [frame[c].astype(object).where(frame[c].notna(), None).tolist()
-              for c in frame.columns]
-    return columns, [list(row) for row in zip(*values)]
 
+# -- JSON and JSON Lines -----------------------------------------------------------------
 
 def _json_error(name: str, exc: json.JSONDecodeError, line_offset: int = 0) -> InvalidDataset:
     return InvalidDataset(

@@ -32,6 +32,19 @@ def test_csv_values_are_plain_python_types_and_empty_cells_none():
             assert type(value) in (int, float, bool, str, type(None))
 
 
+def test_blank_lines_before_the_header_and_between_rows_are_skipped():
+    dataset = parse("d.csv", b"\n\r\n \t\na,b\n1,x\n\n  \n2,y\n\t")
+    assert (dataset.columns, dataset.rows) == (["a", "b"], [[1, "x"], [2, "y"]])
+    # Only spaces and tabs make a line blank (as pandas has it); a quoted "  " is a cell.
+    dataset = parse("d.csv", b'c\n  \n"  "\n\xc2\xa0\n"x\n  \ny"\n')
+    assert dataset.rows == [["  "], ["\xa0"], ["x\n  \ny"]]
+
+
+def test_rows_are_counted_without_blank_lines():
+    with pytest.raises(InvalidDataset, match=r"d.csv, line 5 \(row 2\): 3 cells"):
+        parse("d.csv", b"a,b\n1,2\n   \n\n3,4,5\n")
+
+
 def test_csv_keeps_na_like_text_as_text():
     dataset = parse("d.csv", b"s\nNA\nnull\n")
     assert [r[0] for r in dataset.rows] == ["NA", "null"]
@@ -60,6 +73,10 @@ def test_json_array_and_jsonl():
     ("top.json", b'{"a": 1, "b": 2}', "top.json: expected a JSON array of objects"),
     ("none.json", b"[]", "none.json: the array is empty"),
     ("nan.json", b'[{"a": NaN}]', "nan.json: invalid JSON: NaN is not valid JSON"),
+    ("nul.csv", b"a,b\n1,2\n3,x\x004\n", "nul.csv, line 3: a NUL character (byte 0x00); CSV text holds none"),
+    ("open.csv", b'a,b\n1,2\n"3\n4,5\n6,7\n', "open.csv, line 3: a quoted cell is never closed: the file ends inside it"),
+    ("after.csv", b'a,b\r\n1,"2"3\r\n', "after.csv, line 2: text after a quoted cell's closing quote; expected a comma"),
+    ("noname.csv", b"a,,c\n1,2,3\n", "noname.csv: column 2 of the header has no name"),
 ])
 def test_bad_datasets_name_the_problem(name, data, expected):
     with pytest.raises(InvalidDataset) as caught:
@@ -70,78 +87,3 @@ def test_bad_datasets_name_the_problem(name, data, expected):
 def test_size_limit():
     with pytest.raises(InvalidDataset, match=r"big.csv: the file is 2000 bytes, above the upload limit of 1000 bytes"):
         parse("big.csv", b"a\n" + b"1\n" * 999, max_bytes=1000)
-
-
-# -- CSV typing without pandas agrees with pandas ---------------------------------------------
-
-def _both_ways(text: str):
-    """(rows typed without pandas or None, rows typed by pandas), from the same records."""
-    import csv
-    import io
-
-    from engine.dataset import _typed_as_pandas_would, _typed_by_pandas
-
-    records = [r for r in csv.reader(io.StringIO(text, newline=""))]
-    header, records = records[0], [r for r in records[1:] if r]
-    fast = _typed_as_pandas_would(header, records)
-    columns, slow = _typed_by_pandas(text)
-    assert columns == header
-    return fast, slow
-
-
-def _typed(rows):
-    return [[(type(v), v) for v in row] for row in rows]
-
-
-CELLS = ["0", "7", "-12", "007", "123456789012345678", "1234567890123456789", "+5",
-         "2.5", "-0.25", "1.", ".5", "1e3", "2.5E-3", "3.14159265358979", "0.1000000000000000055",
-         "true", "False", "TRUE", "yes", "inf", "-Infinity", "nan", "NaN", "NA", "null",
-         "x", "hello world", " 1", "1 ", " ", "1,000", "1_000", "0x1A", "-", ".", "e",
-         "a\nb", 'say "hi"', "é", "٣", "1/2", "12:30", "2024-01-01", ""]
-
-
-@pytest.mark.parametrize("seed", range(300))
-def test_csv_types_without_pandas_are_the_types_pandas_gives(seed):
-    import csv
-    import io
-    import random
-
-    rng = random.Random(seed)
-    columns = rng.randint(1, 4)
-    # Each column draws from a few kinds of cell, so that clean int/float/bool/text columns
-    # occur often, and mixtures of every sort sometimes.
-    pools = [rng.sample(CELLS, rng.randint(1, 3)) if rng.random() < 0.3 else
-             rng.choice([["0", "7", "-12", "007", ""], ["2.5", "1e3", "7", ".5"],
-                         ["true", "False", ""], ["x", "hello world", "7", ""]])
-             for _ in range(columns)]
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([f"c{i}" for i in range(columns)])
-    for _ in range(rng.randint(1, 12)):
-        row = [rng.choice(pool) for pool in pools]
-        if columns > 1 and rng.random() < 0.1:
-            row = row[:rng.randint(1, columns - 1)]  # a short row
-        writer.writerow(row)
-    fast, slow = _both_ways(out.getvalue())
-    if fast is not None:
-        assert _typed(fast) == _typed(slow), out.getvalue()
-
-
-@pytest.mark.parametrize("text", [
-    "i\n1\n2\n", "i,f\n1,2.5\n,3\n", "b\ntrue\nFalse\n\n", "s\nx\n1\n", "e\n\n\n1\n",
-    "a,b\n1\n2,\n", "n\n123456789012345678\n", "f\n0.1000000000000000055511151231257827\n",
-    "m\ntrue\n1\n", "w\n 1\n", 'q\n"a ""quoted"" word"\n', "t\n\"two\nlines\"\n",
-])
-def test_csv_typing_edge_cases_agree_with_pandas(text):
-    fast, slow = _both_ways(text)
-    if fast is not None:
-        assert _typed(fast) == _typed(slow)
-
-
-def test_common_csvs_are_typed_without_pandas():
-    # The fast path must actually be taken for ordinary files, or it saves nothing.
-    fast, _ = _both_ways((SHARED_DATA / "shakespeare_passages.csv").read_text())
-    assert fast is not None
-    fast, _ = _both_ways("i,f,b,s\n1,2.5,true,x\n,3,false,\n")
-    assert _typed(fast) == [[(int, 1), (float, 2.5), (bool, True), (str, "x")],
-                            [(type(None), None), (float, 3.0), (bool, False), (type(None), None)]]
