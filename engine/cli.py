@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     results.add_argument("id", type=int)
     results.add_argument("--format", choices=export.FORMATS, default="json")
     results.add_argument("--output", type=Path, help="write to this file instead of stdout")
+    results.add_argument("--no-escape-formulas", dest="escape_formulas", action="store_false",
+                         help="CSV: write cells that begin with = + - @ tab or CR as they are "
+                              "(by default they get a leading ' so that spreadsheets show them "
+                              "as text; see docs/datasets.md)")
 
     cancel = commands.add_parser("cancel", help="cancel a project; stored results stay")
     cancel.add_argument("id", type=int)
@@ -218,9 +222,11 @@ def _results(args, settings: Settings) -> int:
     actor = accounts.local_admin(store)
     if args.output:
         with open(args.output, "w", newline="", encoding="utf-8") as out:
-            export.export_results(store, actor, args.id, args.format, out)
+            export.export_results(store, actor, args.id, args.format, out,
+                                  escape_formulas=args.escape_formulas)
     else:
-        export.export_results(store, actor, args.id, args.format, sys.stdout)
+        export.export_results(store, actor, args.id, args.format, sys.stdout,
+                              escape_formulas=args.escape_formulas)
     return 0
 
 

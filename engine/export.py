@@ -8,6 +8,17 @@ JSON: ``[{"row": 0, "status": "succeeded", "output": ..., "error": null,
 "verification": "verified"}, ...]``. CSV: the dataset's columns, then the output (a dict
 output expands into one column per key, in order of first appearance), then ``error``,
 then ``verification``.
+
+CSV files are opened in spreadsheets, and their cells come from uploaded files and from
+outputs computed on volunteers' machines, which are strangers' (DESIGN.md). A cell that
+begins with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return is a formula to Excel,
+LibreOffice and Google Sheets (OWASP's "CSV injection"), so by default such a cell gets a
+leading ``'``, which spreadsheets read as "this is text". Numbers written the JSON way
+(``-3``, ``-1.5e-07``) are left alone: a spreadsheet reads them as numbers, never as
+formulas. A cell that already begins with ``'`` followed by one of those characters gets
+one more, so the rule can be undone exactly: remove one ``'`` from every cell that
+matches ``'+[=+\-@\t\r]``. ``escape_formulas=False`` writes every cell as it is.
+docs/datasets.md says the same for users.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from typing import Any, Iterator, TextIO
 
 from sqlalchemy import select
@@ -31,8 +43,13 @@ FORMATS = ("json", "csv")
 _YIELD = 5000
 
 
-def export_results(store: Store, actor: User, project_id: int, fmt: str, out: TextIO) -> None:
-    """Write the project's results to ``out`` in ``fmt`` (``json`` or ``csv``)."""
+def export_results(store: Store, actor: User, project_id: int, fmt: str, out: TextIO, *,
+                   escape_formulas: bool = True) -> None:
+    """Write the project's results to ``out`` in ``fmt`` (``json`` or ``csv``).
+
+    ``escape_formulas`` (CSV only): prefix cells a spreadsheet would run as formulas with
+    ``'`` (see the module's docstring); False writes every cell exactly as stored.
+    """
     if fmt not in FORMATS:
         raise InvalidRequest(f"unknown export format {fmt!r}; expected json or csv")
     with store.session() as session:
@@ -41,7 +58,7 @@ def export_results(store: Store, actor: User, project_id: int, fmt: str, out: Te
     if fmt == "json":
         _write_json(store, project, out)
     else:
-        _write_csv(store, project, columns, out)
+        _write_csv(store, project, columns, out, escape_formulas)
     logger.info("project %s: exported as %s", project_id, fmt)
 
 
@@ -129,23 +146,74 @@ def _cell(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _write_csv(store: Store, project: Project, columns: list[str], out: TextIO) -> None:
+# A cell a spreadsheet would run: one of OWASP's characters first, after any number of '
+# (so that the escape can be undone), unless the cell is a negative number as JSON writes it.
+_NUMBER = "(?:0|[1-9][0-9]*)(?:\\.[0-9]+)?(?:[eE][-+]?[0-9]+)?"
+_FORMULA = re.compile(f"'*[=+@\t\r]|'+-|-(?!{_NUMBER}\\Z)")
+_RISKY_FIRST = frozenset("=+-@\t\r'")  # a cell starting otherwise is never escaped
+
+
+def escape_formula(cell: str) -> str:
+    """``cell`` as the CSV export writes it by default: ``'`` first if a spreadsheet would
+    read it as a formula."""
+    return "'" + cell if cell[:1] in _RISKY_FIRST and _FORMULA.match(cell) else cell
+
+
+# The escaping versions of _cell and _output_cell: they give escape_formula() of what those
+# give, but look only at strings (and -Infinity): a number written as JSON writes it is
+# never a formula, and the export keeps copying numbers as stored. (Inlined: these run
+# once per cell, and a nested call per cell cost a tenth of an export.)
+def _safe_cell(value: Any) -> str:
+    if type(value) is str:
+        return "'" + value if value[:1] in _RISKY_FIRST and _FORMULA.match(value) else value
+    if value is None:
+        return ""
+    text = json.dumps(value, ensure_ascii=False)
+    return "'" + text if text == "-Infinity" else text
+
+
+def _safe_output_cell(text: str) -> str:
+    if text[0] in _AS_STORED and text != "null":
+        return "'" + text if text == "-Infinity" else text
+    return _safe_cell(json.loads(text))
+
+
+def _row_writer(out: TextIO):
+    plain = csv.writer(out, lineterminator="\n").writerow
+    # The csv module leaves a \r unquoted when lines end in \n: a reader would split the
+    # row there. Such rows (rare) are written with every cell quoted.
+    quoted = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL).writerow
+
+    def write(row: list[str]) -> None:
+        (quoted if "\r" in "".join(row) else plain)(row)
+    return write
+
+
+def _write_csv(store: Store, project: Project, columns: list[str], out: TextIO,
+               escape_formulas: bool) -> None:
     keys = _output_keys(store, project.id)
     taken = set(columns) | {"error"}
     if keys is None:
         output_columns = ["output"]
     else:
         output_columns = [key if key not in taken else f"output.{key}" for key in keys]
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(columns + output_columns + ["error", "verification"])
+    if escape_formulas:
+        cell, output_cell, text = _safe_cell, _safe_output_cell, escape_formula
+    else:
+        cell, output_cell, text = _cell, _output_cell, str
+    write = _row_writer(out)
+    write([text(c) for c in columns + output_columns] + ["error", "verification"])
     for _index, values, task in _rows(store, project):
-        cells = [_cell(v) for v in values]
+        cells = [cell(v) for v in values]
         if task is None or task[2] is None:
             outputs = [""] * len(output_columns)
         elif keys is None:
-            outputs = [_output_cell(task[2])]
+            outputs = [output_cell(task[2])]
         else:
             output = json.loads(task[2])
-            outputs = [_cell(output.get(k)) for k in keys] if isinstance(output, dict) \
+            outputs = [cell(output.get(k)) for k in keys] if isinstance(output, dict) \
                 else [""] * len(keys)
-        writer.writerow(cells + outputs + ([task[3] or "", task[4]] if task is not None else ["", ""]))
+        if task is None:
+            write(cells + outputs + ["", ""])
+        else:
+            write(cells + outputs + [text(task[3]) if task[3] else "", task[4]])
