@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from engine import confinement
 from engine.errors import ClusterUnavailable
 from engine.keys import data_secret, replace_secret
 from engine.settings import Settings
@@ -28,6 +31,7 @@ from engine.settings import Settings
 logger = logging.getLogger(__name__)
 
 _HEAD_START_SECONDS = 60.0
+_AGENT_TIMEOUT_MS = 120_000
 
 
 def cluster_token(settings: Settings) -> str:
@@ -91,7 +95,11 @@ def head_reachable(settings: Settings, timeout: float = 1.0) -> bool:
 
 
 def ray_temp_dir(settings: Settings) -> Path:
-    return settings.data_path / "ray"
+    """A new session directory for each start of the head (see engine.confinement): what
+    a task wrote into the last one is never read again. Earlier ones are removed."""
+    for old in (p for p in settings.data_path.glob("ray-*") if p.is_dir()):
+        shutil.rmtree(old, ignore_errors=True)
+    return settings.data_path / f"ray-{secrets.token_hex(4)}"
 
 
 class LocalHead:
@@ -100,8 +108,10 @@ class LocalHead:
     def __init__(self, settings: Settings):
         self.settings = settings
         temp_dir = ray_temp_dir(settings)
-        temp_dir.mkdir(parents=True, exist_ok=True)
-        argv = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+        settings.data_path.mkdir(parents=True, exist_ok=True)
+        confinement.prepare_temp_dir(temp_dir)
+        argv = [*confinement.head_prefix(settings, temp_dir),
+                str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
                 f"--port={settings.ray_port}", f"--temp-dir={temp_dir}",
                 f"--node-ip-address={settings.reachable_host}",
                 "--include-dashboard=false", "--disable-usage-stats",
@@ -110,7 +120,11 @@ class LocalHead:
             argv.append(f"--num-cpus={settings.ray_num_cpus}")
         log_path = settings.data_path / "ray-head.log"
         self._log = open(log_path, "ab")
-        env = {**os.environ, **auth_env(settings)}
+        env = {**os.environ, **auth_env(settings),
+               # The raylet gives its Python agents a few seconds to come up and dies after; on a busy
+               # machine (or one that is compiling bytecode it cannot cache, as the confined
+               # head cannot) they take longer (measured: 18 s at a load average of 14).
+               "RAY_agent_register_timeout_ms": str(_AGENT_TIMEOUT_MS)}
         logger.info("cluster: starting a local Ray head on port %s", settings.ray_port)
         started = time.monotonic()
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log,

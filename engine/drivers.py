@@ -82,9 +82,15 @@ def register(store: Store, job_id: str, holder: str) -> None:
     logger.info("drivers: %s is Ray job %s", holder, job_id)
 
 
+@dataclass(frozen=True)
+class Answer:
+    alert: SecurityAlert
+    removed_node: str | None  # the volunteer's node taken out of the cluster, if any
+
+
 def watch(store: Store, drivers: Iterable[Driver], drain: Callable[[str], None],
-          now: float | None = None) -> list[SecurityAlert]:
-    """Find drivers that are not Constellation's and answer each once; returns new alerts."""
+          now: float | None = None) -> list[Answer]:
+    """Find drivers that are not Constellation's and answer each once."""
     now = time.time() if now is None else now
     with store.session() as session:
         own = set(session.execute(select(OwnDriver.job_id)).scalars())
@@ -95,13 +101,13 @@ def watch(store: Store, drivers: Iterable[Driver], drain: Callable[[str], None],
             continue
         if not driver.ended and now - driver.started_at < _GRACE_SECONDS:
             continue  # one of ours may not have registered yet
-        alert = _answer(store, driver, drain)
-        if alert is not None:
-            raised.append(alert)
+        answer = _answer(store, driver, drain)
+        if answer is not None:
+            raised.append(answer)
     return raised
 
 
-def _answer(store: Store, driver: Driver, drain: Callable[[str], None]) -> SecurityAlert | None:
+def _answer(store: Store, driver: Driver, drain: Callable[[str], None]) -> Answer | None:
     with store.session() as session:
         node = session.get(Node, driver.node_id)
         volunteer = None if node is None or node.role == HEAD_ROLE else (
@@ -132,12 +138,14 @@ def _answer(store: Store, driver: Driver, drain: Callable[[str], None]) -> Secur
         except IntegrityError:
             return None  # another dispatcher answered it a moment ago
     logger.warning("drivers: a driver that is not Constellation's: %s", detail)
-    if node is not None and not on_head:
-        try:
-            drain(driver.node_id)
-        except Exception as exc:  # the node may be gone already
-            logger.warning("drivers: could not drain node %s: %s", driver.node_id[:12], exc)
-    return alert
+    if node is None or on_head:
+        # The head's own machine (its operator) or an unknown node: nothing to remove.
+        return Answer(alert, None)
+    try:
+        drain(driver.node_id)
+    except Exception as exc:  # the node may be gone already
+        logger.warning("drivers: could not drain node %s: %s", driver.node_id[:12], exc)
+    return Answer(alert, driver.node_id)
 
 
 def drain_with_ray(address: str) -> Callable[[str], None]:

@@ -307,10 +307,11 @@ class Dispatcher:
         except Exception as exc:  # the GCS may be restarting; the next sync tries again
             logger.warning("dispatcher %s: cannot read Ray's drivers: %s", self.holder, exc)
             return
-        for alert in drivers.watch(self.store, found, self._drain):
-            if alert.node_id:
-                self.health.removed(alert.node_id, "a driver that is not Constellation's came from it")
-                self._unclaimed.add(alert.node_id)
+        for answer in drivers.watch(self.store, found, self._drain):
+            if answer.removed_node:
+                self.health.removed(answer.removed_node,
+                                    "a driver that is not Constellation's came from it")
+                self._unclaimed.add(answer.removed_node)
 
     def _refresh_credit(self) -> None:
         """Sum credit on a thread of its own, one refresh at a time.

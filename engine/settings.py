@@ -64,6 +64,10 @@ class Settings:
             "started by the engine when none is running.")
     ray_port: int = _setting(
         6380, "Port of the local Ray head (GCS).")
+    confine_ray: bool = _setting(
+        True, "Run the local head's Ray processes confined (engine.confinement): no data "
+              "directory, no homes, read-only system, and as an unprivileged uid when started "
+              "by root. Turn off only on a machine where bubblewrap cannot run.")
     head_ports: str = _setting(
         "20300-20599", "Ports (FIRST-LAST, at least 110) the local head's Ray processes and workers "
                        "listen on, so that a firewall can let volunteers' nodes reach them. Empty "

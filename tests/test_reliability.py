@@ -24,7 +24,7 @@ def status(store, pid):
     return projects.project_status(store, accounts.local_admin(store), pid)
 
 
-def wait_for(predicate, timeout=60.0, interval=0.1):
+def wait_for(predicate, timeout=180.0, interval=0.1):
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "timed out waiting"
@@ -130,7 +130,7 @@ def test_full_disk_surfaces_the_error_and_loses_nothing(cluster_settings, caplog
             os.close(fd)
         # Nothing can be written to a full disk, the lease row included: the error is
         # surfaced in the log and on the dispatcher, and the results wait in memory.
-        wait_for(lambda: "database or disk is full" in dispatcher.store_error, timeout=30)
+        wait_for(lambda: "database or disk is full" in dispatcher.store_error, timeout=120)
         assert any("database or disk is full" in r.getMessage() for r in caplog.records)
         time.sleep(2)
         assert status(store, pid).status == "running"  # never complete with rows missing
@@ -168,13 +168,16 @@ def test_fair_share_small_project_is_not_starved(cluster_settings, data_dir):
     finished = {}
 
     def submit_small_later():
-        wait_for(lambda: status(store, big).rows_succeeded >= 200)
-        small = projects.submit_project(store, cluster_settings, small_owner, title="small",
-                                        script_name="ms.py", script_bytes=fixture_bytes("ms.py"),
-                                        dataset_name="d.csv", dataset_bytes=data(100), batch_size=50)
-        wait_for(lambda: ended(store, small), timeout=120, interval=0.05)
-        finished["big_done_when_small_ended"] = status(store, big).rows_succeeded
-        projects.cancel_project(store, big_owner, big)
+        try:
+            wait_for(lambda: status(store, big).rows_succeeded >= 200)
+            small = projects.submit_project(store, cluster_settings, small_owner, title="small",
+                                            script_name="ms.py", script_bytes=fixture_bytes("ms.py"),
+                                            dataset_name="d.csv", dataset_bytes=data(100), batch_size=50)
+            wait_for(lambda: ended(store, small), timeout=240, interval=0.05)
+            finished["big_done_when_small_ended"] = status(store, big).rows_succeeded
+        finally:
+            # Whatever happened here, the dispatcher below must stop (it runs until big ends).
+            projects.cancel_project(store, big_owner, big)
 
     thread = threading.Thread(target=submit_small_later)
     thread.start()
@@ -200,7 +203,7 @@ def test_head_death_is_survived_by_serve(settings, tmp_path):
     health_url = f"http://127.0.0.1:{settings.portal_port}/_stcore/health"
     try:
         pid = submit(store, settings, "ms.py", 6000, batch_size=50)
-        wait_for(lambda: status(store, pid).rows_succeeded >= 300, timeout=120)
+        wait_for(lambda: status(store, pid).rows_succeeded >= 300, timeout=240)
         gcs = subprocess.run(["pgrep", "-f", f"gcs_server.*{settings.data_dir}"],
                              capture_output=True, text=True).stdout.split()
         assert len(gcs) == 1

@@ -6,9 +6,9 @@ and pins tasks to the head and to bob's node. The dispatcher must find that driv
 an alert naming alice's node and alice, remove that node from the cluster and refuse it
 work, and disable alice pending review.
 
-What those tasks can reach is the confinement's business (issue "Trust boundary"): the
-second test records every attempt, and is marked as an expected failure until the head's
-and the volunteers' Ray processes are confined.
+What those tasks can reach is the confinement's business: on the head, nothing of value
+(the head's Ray is confined); on bob's node, the test is an expected failure until the
+join command confines volunteers' nodes too.
 """
 
 from __future__ import annotations
@@ -103,13 +103,22 @@ def test_a_rogue_driver_is_found_its_node_removed_and_its_volunteer_disabled(att
         drivers.alerts(state.store, bob)
 
 
-@pytest.mark.xfail(strict=True, reason="the head's and volunteers' Ray processes are not "
-                                       "confined yet (issue 12): a rogue driver's tasks read them")
-def test_a_rogue_drivers_tasks_reach_nothing_of_value(attacked):
-    report = attacked.report
-    print(json.dumps(report, indent=1))
-    for where, attempts in report.items():
-        for what, got in attempts.items():
-            if what.startswith("connect"):
-                continue  # the portal is a web page like any other: reachable, by design
-            assert not got.startswith("ok"), f"on {where}: {what} -> {got}"
+def _reached(report: dict, where: str) -> list[str]:
+    """What a rogue task on ``where`` got hold of (the portal port aside: it is a web page
+    like any other, reachable by design)."""
+    return [f"{what} -> {got}" for what, got in report[where].items()
+            if got.startswith("ok") and not what.startswith("connect")]
+
+
+def test_a_rogue_drivers_tasks_on_the_head_reach_nothing_of_value(attacked):
+    """The head's Ray runs confined (engine.confinement): no database, no secrets, nothing
+    writable that anything outside reads, no other process's memory or environment."""
+    print(json.dumps(attacked.report["head"], indent=1))
+    assert _reached(attacked.report, "head") == []
+
+
+@pytest.mark.xfail(strict=True, reason="volunteers' nodes are not confined yet (issue 12): a "
+                                       "rogue driver's tasks there read what that node's Ray can")
+def test_a_rogue_drivers_tasks_on_another_volunteers_node_reach_nothing_of_value(attacked):
+    print(json.dumps(attacked.report["bob"], indent=1))
+    assert _reached(attacked.report, "bob") == []

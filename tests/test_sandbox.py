@@ -249,7 +249,14 @@ def test_flooding_the_result_pipe_fails_the_row(store, cluster_settings):
 
 def test_killing_the_parent_is_not_permitted(store, cluster_settings):
     rows = run(store, cluster_settings, submit(store, cluster_settings, "hostile_kills_parent.py", [None] * 5))
-    assert rows[2]["error"] == "PermissionError: [Errno 1] Operation not permitted"
+    # As root the child has switched to a uid of its own: EPERM. Under the confined head
+    # (engine.confinement) it runs as the head's unprivileged uid, and its parent is the
+    # sandbox's PID-namespace init, which a signal from inside the namespace cannot kill:
+    # the call returns, and the parent lives. Either way the row did not crash its process.
+    if rows[2]["error"] is not None:
+        assert rows[2]["error"] == "PermissionError: [Errno 1] Operation not permitted"
+    else:
+        assert rows[2]["output"] == "killed my parent"
     assert_plain_rows_succeeded(rows, {2})
 
 
