@@ -138,7 +138,9 @@ def _parse_csv(name: str, text: str) -> Dataset:
     # strict: a quote that does not close its cell is refused, not guessed at.
     reader, records = _records(text, strict=True)
     try:
-        header = next(records)
+        header = next(records, None)
+        if header is None:  # not expected: the file held more than whitespace
+            raise InvalidDataset(f"{name}: the file has no header line")
         _check_columns(name, header)
         records = list(records)
     except csv.Error as exc:
@@ -299,7 +301,7 @@ def _parse_json(name: str, text: str) -> Dataset:
     try:
         document = _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
-        raise _json_refusal(name, text, text, 0, exc) from None
+        raise _json_refusal(name, text, text, 0, exc, lines=False) from None
     if not isinstance(document, list):
         raise InvalidDataset(
             f"{name}: expected a JSON array of objects ([{{...}}, ...]), found {_json_type(document)}")
@@ -320,7 +322,8 @@ def _parse_jsonl(name: str, text: str) -> Dataset:
             try:
                 objects.append(decode(line))
             except (ValueError, RecursionError) as exc:
-                raise _json_refusal(name, line, text, _line_start(text, number), exc) from None
+                raise _json_refusal(name, line, text, _line_start(text, number), exc,
+                                    lines=True) from None
             where.append(f"line {number}")
     if not objects:
         raise InvalidDataset(f"{name}: the file has no rows")
@@ -336,11 +339,12 @@ def _line_start(text: str, number: int) -> int:
     return offset
 
 
-def _json_refusal(name: str, part: str, text: str, offset: int, exc: Exception) -> InvalidDataset:
+def _json_refusal(name: str, part: str, text: str, offset: int, exc: Exception, *,
+                  lines: bool) -> InvalidDataset:
     """Why ``part`` (the whole file, or one line at ``offset`` of it) is not JSON, and where."""
     if isinstance(exc, json.JSONDecodeError):
         return InvalidDataset(f"{_place(name, text, offset + exc.pos)}: "
-                              f"{_json_problem(part, exc, part is not text)}")
+                              f"{_json_problem(part, exc, lines)}")
     if isinstance(exc, RecursionError):
         found = _too_deep(part)
         return _nesting_error(name, text, offset + (found if found is not None else 0))

@@ -82,6 +82,7 @@ GENERATED = {
     "deep_row.json": (nested(NESTING_LIMIT + 1), f"line 1, column {NESTING_LIMIT + 6}: {TOO_DEEP}"),
     "deep_objects.jsonl": (b'{"a": ' * 500 + b"1" + b"}" * 500 + b"\n",
                            f"line 1, column {6 * NESTING_LIMIT + 1}: {TOO_DEEP}"),
+    "one_line.jsonl": (b'{"a": 1', f"line 1, column 8: invalid JSON: Expecting ',' delimiter {LINE_ENDS}"),
     "long_integer.json": (b'[{"a": ' + b"7" * 5000 + b"}]",
                           "line 1, column 8: a number of 5000 digits; expected at most 4300, "
                           "the most Python reads"),
