@@ -350,7 +350,7 @@ def _leaderboard(args, settings: Settings) -> int:
         print(json.dumps([r.to_dict() for r in rows]))
     else:
         for r in rows:
-            print(f"{r.rank}\t{r.volunteer}\t{r.credit:.1f}\t{r.tasks} tasks\t{r.nodes} nodes")
+            print(f"{r.rank}\t{r.volunteer}\t{r.credit:.6f}\t{r.tasks} tasks\t{r.nodes} nodes")
     return 0
 
 
