@@ -93,3 +93,26 @@ def test_a_broken_volunteer_is_quarantined_and_the_project_completes_without_it(
         mine = nodes.list_nodes(state.store, dora)
         assert [(v.node_id, v.health) for v in mine] == [(ids["dora"], "quarantined")]
         assert "No module named 'bcrypt'" in mine[0].health_reason
+
+
+def test_a_black_hole_node_is_quarantined_after_failing_fast_and_loses_no_rows():
+    """eve's machine passes its check, then fails every batch at once: her failures count
+    against her node, not the rows; she is quarantined, and the project completes on the
+    others with nothing stored as failed."""
+    with volunteer_cluster(("alice", "bob", "eve"), head_cpus=0,
+                           pythonpath={"eve": FIXTURES / "blackhole"}) as state:
+        ids = state.node_ids
+        pid = submit(state, "busy_2ms.py", ROWS, batch_size=10)
+        run_to_end(state, pid, timeout=300)
+        buffer = io.StringIO()
+        export_results(state.store, accounts.local_admin(state.store), pid, "json", buffer)
+        rows = json.loads(buffer.getvalue())
+        assert [(r["row"], r["status"], r["output"]) for r in rows] == \
+            [(i, "succeeded", 2 * i) for i in range(ROWS)]
+        eve = next(v for v in nodes.list_nodes(state.store) if v.node_id == ids["eve"])
+        assert eve.health == "quarantined"
+        assert "No space left on device" in eve.health_reason
+        with state.store.session() as session:
+            ran_on = set(session.execute(select(Replica.node_id).where(
+                Replica.project_id == pid)).scalars())
+        assert ids["eve"] not in ran_on
