@@ -31,6 +31,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from engine.node.sandbox import ro_bind_reachable
 from engine.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -87,15 +88,7 @@ def _python_back(masked: str) -> list[str]:
                         os.path.dirname(os.path.realpath(sys.executable))}):
         if not _under(path, masked) or not os.path.isdir(path) or any(_under(path, b) for b in bound):
             continue
-        parent, ancestors = os.path.dirname(path), []
-        while parent not in created and parent != "/":
-            ancestors.append(parent)
-            parent = os.path.dirname(parent)
-        for ancestor in reversed(ancestors):
-            args += ["--perms", "0755", "--dir", ancestor]
-            created.add(ancestor)
-        args += ["--ro-bind", path, path]
-        created.add(path)
+        args += ro_bind_reachable(path, created)
         bound.append(path)
     return args
 

@@ -220,17 +220,7 @@ def bwrap_argv(hidden_paths: Sequence[str] = (),
     for path in python_paths():  # sorted: a prefix comes before what lies under it
         if any(_under(path, root) for root in bound):
             continue  # already visible (through /usr, or an enclosing prefix)
-        # bwrap creates missing mount points 0700, which the sandbox's uid could not
-        # cross (pyenv under /root): create each ancestor 0755 first.
-        ancestors = []
-        parent = os.path.dirname(path)
-        while parent not in created and parent != "/":
-            ancestors.append(parent)
-            parent = os.path.dirname(parent)
-        for ancestor in reversed(ancestors):
-            args += ["--perms", "0755", "--dir", ancestor]
-            created.add(ancestor)
-        args += ["--ro-bind", path, path]
+        args += ro_bind_reachable(path, created)
         bound.append(path)
     args += ["--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
              "--unshare-cgroup-try", "--hostname", "sandbox", "--die-with-parent",
@@ -269,6 +259,25 @@ def bwrap_problem() -> str | None:
         return (f"bubblewrap {found.group(0)} cannot bound the size of the sandbox's /tmp and "
                 f"$HOME (--size needs bubblewrap 0.7 or later)")
     return None
+
+
+def ro_bind_reachable(path: str, created: set[str]) -> list[str]:
+    """bwrap options that bind ``path`` read-only where a mask hid it, and let any uid reach it.
+
+    bwrap creates missing mount points 0700, which another uid could not cross (a pyenv
+    under /root): each missing ancestor is created 0755 first. ``created`` holds the
+    directories that exist in the new root already, and is updated.
+    """
+    args, ancestors = [], []
+    parent = os.path.dirname(path)
+    while parent not in created and parent != "/":
+        ancestors.append(parent)
+        parent = os.path.dirname(parent)
+    for ancestor in reversed(ancestors):
+        args += ["--perms", "0755", "--dir", ancestor]
+        created.add(ancestor)
+    created.add(path)
+    return args + ["--ro-bind", path, path]
 
 
 def home_entries_allowed() -> set[str]:
