@@ -33,8 +33,12 @@ def projects_table(views, *, show_owner: bool, key: str = "projects_table") -> i
     frame = pd.DataFrame(rows)
     config = {
         "#": st.column_config.NumberColumn(width="small", format="%d"),
-        "title": st.column_config.TextColumn(width="large"),
+        "title": st.column_config.TextColumn(width="medium"),
+        "status": st.column_config.TextColumn(width="small"),
         "progress": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0, format="percent"),
+        "rows": st.column_config.TextColumn(width=130),
+        "failed": st.column_config.NumberColumn(width="small"),
+        "rows/s": st.column_config.NumberColumn(width="small"),
         "created": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm"),
         "link": st.column_config.LinkColumn("open", display_text="open", width="small",
                                             help="The project's live panel (in a new tab)"),

@@ -126,6 +126,11 @@ def settled(page, quiet_seconds: float = 1.0) -> None:
         assert time.monotonic() < deadline, "the app never settled"
 
 
+def signed_in_as(page, name: str):
+    """The sidebar's "Signed in as NAME" (not the message of the run that signed in)."""
+    return page.locator('[data-testid="stSidebar"]').get_by_text(f"Signed in as {name}")
+
+
 def outside_requests(page, stack) -> list[str]:
     return sorted({u for u in page.requested
                    if not u.startswith((stack.url, "data:", "blob:", "about:"))})
@@ -173,10 +178,10 @@ def test_a_researcher_registers_submits_watches_and_downloads(page, stack, tmp_p
     # Signed in at once, and on her own page: no separate sign-in, no "Continue".
     expect(main.get_by_text("No projects yet: submit one.")).to_be_visible()
     expect(page).to_have_url(f"{portal_url}/projects")
-    expect(page.get_by_text("Signed in as rita")).to_be_visible()
+    expect(signed_in_as(page, "rita")).to_be_visible()
     # A reload is a new session: the sign-in cookie keeps rita signed in.
     page.reload()
-    first_render(page.get_by_text("Signed in as rita"))
+    first_render(signed_in_as(page, "rita"))
     expect(main.get_by_text("No projects yet: submit one.")).to_be_visible()
     shot(page, "03-projects-empty")
 
@@ -278,7 +283,7 @@ def test_typed_links_open_each_users_own_pages(page, stack):
     # Signed in (by the cookie, in new sessions): typed paths answer at their own path.
     for path in ("/projects", f"/projects?id={project}", "/submit", "/"):
         page.goto(f"{portal_url}{path}")
-        first_render(page.get_by_text("Signed in as tina"))
+        first_render(signed_in_as(page, "tina"))
         expect(page.get_by_text("Page not found")).to_have_count(0)
         expect(page).to_have_url(f"{portal_url}{path if path != '/' else '/projects'}")
     expect(main.get_by_role("heading", name="Projects", level=1)).to_be_visible()
@@ -294,7 +299,7 @@ def test_typed_links_open_each_users_own_pages(page, stack):
     sign_in_here(main, "vince")
     expect(main.get_by_role("heading", name="Join cluster", level=1)).to_be_visible()
     page.goto(f"{portal_url}/join")
-    first_render(page.get_by_text("Signed in as vince"))
+    first_render(signed_in_as(page, "vince"))
     expect(page.get_by_text("Page not found")).to_have_count(0)
     expect(page).to_have_url(f"{portal_url}/join")
 
@@ -372,12 +377,12 @@ def test_a_cookie_copied_before_sign_out_no_longer_signs_in(page, browser, stack
     page.goto(f"{stack.url}/login")
     first_render(main.get_by_role("heading", name="Sign in"))
     sign_in_here(main, "sam")
-    expect(page.get_by_text("Signed in as sam")).to_be_visible()
+    expect(signed_in_as(page, "sam")).to_be_visible()
     settled(page)
     saved = [c for c in page.context.cookies() if c["name"] == "constellation_auth"]
     assert saved, page.context.cookies()
     page.get_by_role("button", name="Sign out").click()
-    expect(page.get_by_text("Signed in as sam")).to_have_count(0)
+    expect(signed_in_as(page, "sam")).to_have_count(0)
 
     # Someone who copied the cookie before Sign out replays it in another browser.
     thief = browser.new_context(viewport={"width": 1400, "height": 2000})
@@ -387,7 +392,7 @@ def test_a_cookie_copied_before_sign_out_no_longer_signs_in(page, browser, stack
         stolen.set_default_timeout(STEP_MS)
         stolen.goto(f"{stack.url}/projects")
         first_render(main_area(stolen).get_by_text("Sign in with a researcher account to use this page."))
-        expect(stolen.get_by_text("Signed in as sam")).to_have_count(0)
+        expect(signed_in_as(stolen, "sam")).to_have_count(0)
         shot(stolen, "15-cookie-after-sign-out")
     finally:
         thief.close()
@@ -395,7 +400,7 @@ def test_a_cookie_copied_before_sign_out_no_longer_signs_in(page, browser, stack
     page.goto(f"{stack.url}/login")
     first_render(main.get_by_role("heading", name="Sign in"))
     sign_in_here(main, "sam")
-    expect(page.get_by_text("Signed in as sam")).to_be_visible()
+    expect(signed_in_as(page, "sam")).to_be_visible()
 
 
 def test_a_disabled_users_cookie_no_longer_signs_them_in(page, stack):
@@ -409,10 +414,10 @@ def test_a_disabled_users_cookie_no_longer_signs_them_in(page, stack):
     expect(main.get_by_role("heading", name="Join cluster", level=1)).to_be_visible()
     settled(page)
     page.reload()
-    first_render(page.get_by_text("Signed in as dina"))
+    first_render(signed_in_as(page, "dina"))
 
     cli(stack, "user", "disable", "dina")
     page.reload()
     first_render(main.get_by_role("heading", name="Sign in"))
-    expect(page.get_by_text("Signed in as dina")).to_have_count(0)
+    expect(signed_in_as(page, "dina")).to_have_count(0)
     expect(nav_link(page, "Join cluster")).to_have_count(0)
