@@ -18,9 +18,14 @@ if not board:
 else:
     frame = pd.DataFrame([{
         "rank": row.rank, "volunteer": row.volunteer, "credit": row.credit,
-        "verified tasks": row.tasks, "CPU time": widgets.duration(row.cpu_seconds),
+        "verified tasks": row.tasks, "CPU seconds": row.cpu_seconds,
         "nodes": row.nodes, "last active": row.last_active} for row in board])
-    st.dataframe(frame, hide_index=True)
-    st.bar_chart(frame, x="volunteer", y="credit", horizontal=True, height=240)
+    # One credit is one CPU second of verified work, kept to the microsecond: light rows
+    # earn microseconds, which whole seconds would show as 0.
+    st.dataframe(frame, hide_index=True, column_config={
+        "credit": st.column_config.NumberColumn("credit (CPU s)", format="%.6f"),
+        "CPU seconds": st.column_config.NumberColumn(format="%.6f")})
+    st.bar_chart(frame, x="volunteer", y="credit", horizontal=True, height=240,
+                 y_label="credit (CPU seconds)")
 with st.expander("How credit is earned", expanded=not board):
     st.write(credit.CREDIT_RULE)
