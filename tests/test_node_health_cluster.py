@@ -31,6 +31,22 @@ pytestmark = pytest.mark.slow
 ROWS = 240
 
 
+def every_row_doubled(state, pid: int) -> list[dict]:
+    """The project's exported rows, each checked to be busy_2ms.py's answer, succeeded."""
+    buffer = io.StringIO()
+    export_results(state.store, accounts.local_admin(state.store), pid, "json", buffer)
+    rows = json.loads(buffer.getvalue())
+    assert [(r["row"], r["status"], r["output"]) for r in rows] == \
+        [(i, "succeeded", 2 * i) for i in range(ROWS)]
+    return rows
+
+
+def nodes_that_ran(state, pid: int) -> set[str]:
+    with state.store.session() as session:
+        return set(session.execute(select(Replica.node_id).where(
+            Replica.project_id == pid)).scalars())
+
+
 def test_a_broken_volunteer_is_quarantined_and_the_project_completes_without_it(capsys):
     # The head offers no CPU: every row must be computed, and verified, by volunteers.
     # alice's node keeps the ports her join command pins (the others, on the same machine,
@@ -71,15 +87,9 @@ def test_a_broken_volunteer_is_quarantined_and_the_project_completes_without_it(
         pid = submit(state, "busy_2ms.py", ROWS, batch_size=20)
         run_to_end(state, pid, timeout=300)
 
-        buffer = io.StringIO()
-        export_results(state.store, accounts.local_admin(state.store), pid, "json", buffer)
-        rows = json.loads(buffer.getvalue())
-        assert [(r["row"], r["status"], r["output"]) for r in rows] == \
-            [(i, "succeeded", 2 * i) for i in range(ROWS)]
+        rows = every_row_doubled(state, pid)
         assert {r["verification"] for r in rows} <= {"verified", "verified-by-trust", "trusted"}
-        with state.store.session() as session:
-            ran_on = set(session.execute(select(Replica.node_id).where(
-                Replica.project_id == pid)).scalars())
+        ran_on = nodes_that_ran(state, pid)
         assert ids["dora"] not in ran_on  # quarantined before it got any work
         assert ran_on == {ids["alice"], ids["bob"]}
 
@@ -104,15 +114,9 @@ def test_a_black_hole_node_is_quarantined_after_failing_fast_and_loses_no_rows()
         ids = state.node_ids
         pid = submit(state, "busy_2ms.py", ROWS, batch_size=10)
         run_to_end(state, pid, timeout=300)
-        buffer = io.StringIO()
-        export_results(state.store, accounts.local_admin(state.store), pid, "json", buffer)
-        rows = json.loads(buffer.getvalue())
-        assert [(r["row"], r["status"], r["output"]) for r in rows] == \
-            [(i, "succeeded", 2 * i) for i in range(ROWS)]
+        every_row_doubled(state, pid)
         eve = next(v for v in nodes.list_nodes(state.store) if v.node_id == ids["eve"])
         assert eve.health == "quarantined"
         assert "No space left on device" in eve.health_reason
-        with state.store.session() as session:
-            ran_on = set(session.execute(select(Replica.node_id).where(
-                Replica.project_id == pid)).scalars())
+        ran_on = nodes_that_ran(state, pid)
         assert ids["eve"] not in ran_on
