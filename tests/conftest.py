@@ -113,6 +113,20 @@ def engine_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def stop_serve(serve, grace: float = 60.0) -> None:
+    """Stop an `engine serve` started in its own session: SIGTERM (it stops what it
+    started), then SIGKILL to its process group after ``grace`` seconds."""
+    import signal
+    import subprocess
+
+    os.killpg(serve.pid, signal.SIGTERM)
+    try:
+        serve.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(serve.pid, signal.SIGKILL)
+        serve.wait()
+
+
 def python() -> str:
     return sys.executable
 

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from conftest import (engine_env, fixture_bytes, project_ended as ended, python, run_to_end,
-                      short_tempdir, submit_numbers as submit, write_token)
+                      short_tempdir, stop_serve, submit_numbers as submit, write_token)
 from engine import accounts, projects
 from engine.models import Project, Task, TaskHistory
 from engine.scheduler import Dispatcher
@@ -225,11 +225,6 @@ def test_head_death_is_survived_by_serve(settings, tmp_path):
         assert store.cluster_health()["status"] == "online"
         assert_every_row_once(store, pid, 6000)
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        try:
-            serve.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-            serve.wait()
+        stop_serve(serve)
     leftovers = subprocess.run(["pgrep", "-f", settings.data_dir], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", (tmp_path / "serve.log").read_text()[-3000:]

@@ -8,14 +8,12 @@ joins. Nodes are real `ray start` processes from the clean volunteer environment
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 
 import pytest
 
-from conftest import engine_env, free_port, python
+from conftest import engine_env, free_port, python, stop_serve
 from engine import accounts, cluster, nodes
 from engine.accounts import Role
 from engine.store import Store
@@ -77,11 +75,6 @@ def test_rotating_the_cluster_token_restarts_the_head_and_voids_old_join_command
     finally:
         for node in started:
             node.stop()
-        os.killpg(serve.pid, signal.SIGTERM)
-        try:
-            serve.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-            serve.wait()
+        stop_serve(serve)
         for node in started:
             node.remove()
