@@ -7,6 +7,7 @@ directory gets the same token file, so every test can reach the session's head.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -36,9 +37,20 @@ TEST_HEAD_PORTS = ""
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: every socket stays bound until all are chosen.
+
+    Closing each socket before binding the next lets the kernel hand the same port out
+    twice, and Ray refuses a node whose components share a port.
+    """
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("", 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 def short_tempdir(prefix: str) -> Path:

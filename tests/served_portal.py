@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from conftest import ROOT, free_port, python
+from conftest import ROOT, free_ports, python
 
 
 @dataclass
@@ -28,9 +28,9 @@ class ServedPortal:
 @contextmanager
 def served_portal(data_dir: Path, startup_seconds: float = 120) -> Iterator[ServedPortal]:
     """The whole stack (Ray head, dispatcher, portal) in ``data_dir``, until the portal answers."""
-    port = free_port()
+    port, ray_port = free_ports(2)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "CONSTELLATION_"))}
-    env.update({"CONSTELLATION_DATA_DIR": str(data_dir), "CONSTELLATION_RAY_PORT": str(free_port()),
+    env.update({"CONSTELLATION_DATA_DIR": str(data_dir), "CONSTELLATION_RAY_PORT": str(ray_port),
                 "CONSTELLATION_PORTAL_PORT": str(port), "CONSTELLATION_RAY_NUM_CPUS": "2",
                 # One machine: a row cannot be replicated on two distinct volunteers here.
                 "CONSTELLATION_REPLICATION": "1", "CONSTELLATION_HEAD_PORTS": "",

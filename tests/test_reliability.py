@@ -192,9 +192,10 @@ def test_head_death_is_survived_by_serve(settings, tmp_path):
     is reported unavailable, the head comes back and the project completes."""
     import urllib.request
 
-    from conftest import free_port
+    from conftest import free_ports
 
-    settings = settings.replace(ray_port=free_port(), portal_port=free_port(), ray_num_cpus=2)
+    ray_port, portal_port = free_ports(2)
+    settings = settings.replace(ray_port=ray_port, portal_port=portal_port, ray_num_cpus=2)
     store = Store(settings)
     env = engine_env(settings)
     env["CONSTELLATION_PORTAL_PORT"] = str(settings.portal_port)

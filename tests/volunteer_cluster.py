@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from conftest import ROOT, fixture_bytes, free_port, short_tempdir, write_token
+from conftest import ROOT, fixture_bytes, free_port, free_ports, short_tempdir, write_token
 from engine import accounts, nodes, projects
 from engine.accounts import Role
 from engine.models import Project
@@ -139,11 +139,13 @@ def start_node(name: str, command: str, pythonpath: Path | None = None, *, cpus:
     env = volunteer_env(home, extra, venv_bin=venv_bin)
     # Several nodes share this machine: each needs its own temp dir and ports. The ports
     # given here override the join command's fixed range (the last value of an option wins).
-    workers = ",".join(str(free_port()) for _ in range(WORKER_PORTS))
-    ports = (f"--node-manager-port={free_port()} --object-manager-port={free_port()} "
-             f"--dashboard-agent-grpc-port={free_port()} "
-             f"--dashboard-agent-listen-port={free_port()} --metrics-export-port={free_port()} "
-             f"--runtime-env-agent-port={free_port()} --worker-port-list={workers} "
+    (node_manager, object_manager, agent_grpc, agent_listen, metrics, runtime_env,
+     *worker_ports) = free_ports(6 + WORKER_PORTS)
+    workers = ",".join(map(str, worker_ports))
+    ports = (f"--node-manager-port={node_manager} --object-manager-port={object_manager} "
+             f"--dashboard-agent-grpc-port={agent_grpc} "
+             f"--dashboard-agent-listen-port={agent_listen} --metrics-export-port={metrics} "
+             f"--runtime-env-agent-port={runtime_env} --worker-port-list={workers} "
              if own_ports else "")
     full = f"{command} --num-cpus={cpus} --temp-dir={directory / 'ray'} {ports}--block"
     with open(log, "wb") as out:
