@@ -1,13 +1,13 @@
-"""Administration: users, all projects, nodes (admins only).
+"""Administration: security alerts, users, all projects, nodes (admins only).
 
-Every action runs in a button's callback, before the page is drawn, so the tables below
+Security alerts, when there are any, come first, above the tabs. Every action runs in a button's callback, before the page is drawn, so the tables below
 it already show its effect; destructive ones (disable, cancel) ask first.
 """
 
 import pandas as pd
 import streamlit as st
 
-from engine import Role, accounts, cancel_project, list_projects, nodes, verification
+from engine import Role, accounts, cancel_project, drivers, list_projects, nodes, verification
 from engine.projects import one_line
 from engine.status import NodeHealth, ProjectStatus
 from portal import auth, errors, panels, state, tables, widgets
@@ -16,6 +16,10 @@ user = auth.require(Role.ADMIN)
 store = state.store()
 widgets.header("Admin", ":material/admin_panel_settings:")
 widgets.outcome()
+with errors.shown():
+    alerts = drivers.alerts(store, user)
+    registry = nodes.list_nodes(store, user)
+panels.security_alerts(alerts, registry)
 users_tab, projects_tab, nodes_tab, trust_tab = st.tabs(["Users", "Projects", "Nodes", "Trust"])
 
 
@@ -116,8 +120,6 @@ with projects_tab:
                         _cancel, pending)
 
 with nodes_tab:
-    with errors.shown():
-        registry = nodes.list_nodes(store, user)
     if not registry:
         st.info("No node has joined yet.", icon=":material/inbox:")
     else:

@@ -1,5 +1,5 @@
-"""Larger pieces of pages: one project's live panel, node health, the cluster line, error
-groups, and the trial run with its estimate."""
+"""Larger pieces of pages: one project's live panel, node health, security alerts, the
+cluster line, error groups, and the trial run with its estimate."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from engine import ProjectStatusView
-from engine.projects import Estimate, Outlook, machine_name
+from engine.projects import Estimate, Outlook, machine_name, node_label
 from engine.status import NodeHealth, ProjectStatus
 from portal import errors
 from portal.widgets import (act, ask, ask_later, asking, duration, per_view, progress, rate,
@@ -54,6 +54,39 @@ def node_health(node) -> None:
 def node_machine(node) -> str:
     """A node's short machine name for people (its host name), never a bare hex id."""
     return machine_name(node.hostname, node.host) or f"node {node.node_id[:8]}"
+
+
+def security_alerts(alerts, registry) -> None:
+    """The Admin page's alerts (``engine.drivers.alerts``), first on the page; nothing at all
+    when there are none. ``registry`` (``nodes.list_nodes``) names each alert's node."""
+    if not alerts:
+        return
+    count = f"{len(alerts)} security alert" + ("s" if len(alerts) != 1 else "")
+    with st.container(border=True, key="security_alerts"):
+        st.error(f"**{count}**: a Ray driver that is not Constellation's connected to the "
+                 f"cluster. The node it came through was removed from the cluster and is "
+                 f"refused work from now on (unless it was the head's own machine), and its "
+                 f"volunteer, where known, was disabled pending your review. After reviewing, "
+                 f"re-enable the volunteer on the **Users** tab (choose the account, then "
+                 f"**Enable**); a removed node stays removed, so they join again with a new "
+                 f"machine or after `ray stop`. If the cluster token may have leaked, rotate it "
+                 f"(`python -m engine rotate-cluster-token`).", icon=":material/gpp_maybe:")
+        by_id = {n.node_id: n for n in registry}
+        st.dataframe(pd.DataFrame([{
+            "when": a.raised_at, "kind": a.kind, "node": _alert_node(a.node_id, by_id.get(a.node_id)),
+            "volunteer": a.volunteer or "unknown", "detail": a.detail} for a in alerts]),
+            hide_index=True, key="security_alerts_table",
+            column_config={"detail": st.column_config.TextColumn(width="large")})
+
+
+def _alert_node(node_id: str | None, node) -> str:
+    if not node_id:
+        return "unknown"
+    if node is None:
+        return f"unknown node {node_id[:12]}"
+    if node.attribution == "head":
+        return f"{node_label('head', node.hostname, node.host, node_id)} ({node_id[:12]})"
+    return f"{node_machine(node)} ({node_id[:12]})"
 
 
 def verification_counts(view: ProjectStatusView) -> None:
