@@ -13,7 +13,7 @@ from engine.status import NodeHealth, ProjectStatus
 from portal import auth, errors, panels, state, tables, widgets
 
 user = auth.require(Role.ADMIN)
-store = state.store()
+store, settings = state.store(), state.settings()
 widgets.header("Admin", ":material/admin_panel_settings:")
 widgets.outcome()
 with errors.shown():
@@ -32,6 +32,12 @@ def _enable() -> str:
     name = st.session_state["user_choice"]
     accounts.enable_user(store, auth.current_user(), name)
     return f"User {name} is enabled again; they sign in anew."
+
+
+def _approve() -> str:
+    name = st.session_state["approve_choice"]
+    accounts.approve_volunteer(store, auth.current_user(), name)
+    return f"Volunteer {name} is approved: their Join page shows them the join command."
 
 
 def _grant() -> str:
@@ -61,7 +67,18 @@ def _chosen(key: str):
 
 with users_tab:
     with errors.shown():
+        waiting = accounts.awaiting_approval(store, settings, user)
         users = accounts.list_users(store, user)
+    if waiting:
+        st.info(f"**{len(waiting)} volunteer{'s' if len(waiting) != 1 else ''} waiting for your "
+                f"approval.** `volunteer_approval` is on: they see the join command, and the "
+                f"cluster token in it, only once you approve them.", icon=":material/how_to_reg:")
+        st.dataframe(pd.DataFrame([{"name": u.name, "email": u.email, "registered": u.created_at}
+                                   for u in waiting]), hide_index=True, key="awaiting_table")
+        left, right = st.columns([3, 2], vertical_alignment="bottom")
+        left.selectbox("Volunteer to approve", [u.name for u in waiting], key="approve_choice")
+        right.button("Approve", key="approve_volunteer", icon=":material/how_to_reg:",
+                     on_click=widgets.act, args=(_approve,))
     st.dataframe(pd.DataFrame([{
         "name": u.name, "email": u.email, "roles": ", ".join(u.roles),
         "status": "disabled" if u.disabled else "active", "created": u.created_at,

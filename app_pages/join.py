@@ -18,17 +18,20 @@ def _rotate() -> None:
         st.session_state["_rotated"] = True
 
 
-with errors.shown():
-    command = nodes.join_command(store, settings, user.name)
 # Engine-written instructions (no user content), rendered as Markdown.
 st.markdown(nodes.install_instructions(settings))
-st.warning("This command contains the cluster token. Do not share it.", icon=":material/key:")
-st.code(command, language="bash")
-if st.session_state.pop("_rotated", False):
-    st.success("Signature rotated: your machines stop earning until they re-join with the "
-               "command above.", icon=":material/autorenew:")
-st.button("Rotate my signature", icon=":material/autorenew:", on_click=_rotate,
-          help="If the command leaked: the old signature stops earning at once.")
+with errors.shown():
+    # volunteer_approval: until an admin approves them, a volunteer is told so instead.
+    waiting = panels.waiting_for_approval(store, settings, user.name)
+    command = None if waiting else nodes.join_command(store, settings, user.name)
+if command is not None:
+    st.warning("This command contains the cluster token. Do not share it.", icon=":material/key:")
+    st.code(command, language="bash")
+    if st.session_state.pop("_rotated", False):
+        st.success("Signature rotated: your machines stop earning until they re-join with the "
+                   "command above.", icon=":material/autorenew:")
+    st.button("Rotate my signature", icon=":material/autorenew:", on_click=_rotate,
+              help="If the command leaked: the old signature stops earning at once.")
 
 
 @st.fragment(run_every=2)

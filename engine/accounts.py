@@ -157,7 +157,8 @@ def reclaim_local_admin(store: Store) -> User:
 
 
 def create_user(store: Store, name: str, roles: set[Role], *, email: str = "",
-                password_hash: str = "", registered_from: str | None = None) -> User:
+                password_hash: str = "", registered_from: str | None = None,
+                volunteer_approved: bool = False) -> User:
     if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum() \
             or not name.isascii():
         raise InvalidRequest("a user name is 1-64 letters, digits, '-' or '_'")
@@ -173,7 +174,7 @@ def create_user(store: Store, name: str, roles: set[Role], *, email: str = "",
             raise InvalidRequest(f"the user name {name!r} is taken")
         user = User(name=name, email=email, password_hash=password_hash,
                     roles=",".join(sorted(Role(r).value for r in roles)), created_at=time.time(),
-                    registered_from=registered_from)
+                    registered_from=registered_from, volunteer_approved=volunteer_approved)
         session.add(user)
         session.flush()
         return user
@@ -181,9 +182,10 @@ def create_user(store: Store, name: str, roles: set[Role], *, email: str = "",
 
 def add_user(store: Store, name: str, roles: set[Role], *, password: str,
              email: str = "") -> User:
-    """Create an account with any roles, admin included (the CLI's ``user add``)."""
+    """Create an account with any roles, admin included (the CLI's ``user add``). The
+    operator added it, so a volunteer added this way is approved (``volunteer_approval``)."""
     user = create_user(store, name.strip().lower(), set(roles), email=email,
-                       password_hash=hash_password(password))
+                       password_hash=hash_password(password), volunteer_approved=True)
     logger.info("user %s: added with roles %s", user.name, user.roles)
     return user
 
@@ -270,6 +272,59 @@ def grant_role(store: Store, actor: User, name: str, role: Role) -> User:
         user.roles = ",".join(sorted(user.role_set | {role.value}))
     logger.info("user %s: granted the %s role by %s", name, role.value, actor.name)
     return user
+
+
+# -- volunteer approval ----------------------------------------------------------------
+#
+# The join command holds the cluster token, and every holder of the token can do anything
+# Ray allows (docs/security.md). With the ``volunteer_approval`` setting on, a volunteer sees
+# it only once an admin approved them; off (the default), on registering. Self-registered
+# accounts start unapproved; accounts the operator adds (``user add``) and accounts that
+# were volunteers when the store was upgraded to schema version 5 are approved.
+
+_HEAD = "head"  # the head's own party name (engine.nodes.HEAD); never a user's
+
+
+def approve_volunteer(store: Store, actor: User, name: str) -> None:
+    """Let volunteer ``name`` see the join command while ``volunteer_approval`` is on
+    (admins only). Approving an approved volunteer changes nothing."""
+    require_role(actor, Role.ADMIN)
+    with store.session() as session:
+        user = _by_name(session, name)
+        if Role.VOLUNTEER.value not in user.role_set and not is_admin(user):
+            raise InvalidRequest(f"{name} is not a volunteer; add the volunteer role first")
+        user.volunteer_approved = True
+    logger.info("user %s: approved as a volunteer by %s", name, actor.name)
+
+
+def require_may_join(store: Store, settings: Settings, name: str) -> None:
+    """Refuse (Forbidden) to show ``name`` the join command while ``volunteer_approval`` is
+    on and no admin has approved them. Admins and the head are never refused; with the
+    setting off nobody is. A name with no account is NotFound, as in ``join_command``."""
+    if not settings.volunteer_approval or name == _HEAD:
+        return
+    with store.session() as session:
+        user = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
+    if user is None:
+        raise NotFound(f"no volunteer named {name!r}")
+    if is_admin(user) or user.volunteer_approved:
+        return
+    raise Forbidden(f"an admin must approve {name} as a volunteer before they can join the "
+                    f"cluster (volunteer_approval is on); until then the join command, which "
+                    f"holds the cluster token, is not shown")
+
+
+def awaiting_approval(store: Store, settings: Settings, actor: User) -> list[UserView]:
+    """Enabled volunteers whose join command waits for an admin's approval, oldest first
+    (admins only). Nobody waits while ``volunteer_approval`` is off."""
+    require_role(actor, Role.ADMIN)
+    if not settings.volunteer_approval:
+        return []
+    with store.session() as session:
+        users = session.execute(select(User).where(User.volunteer_approved.is_(False),
+                                                   User.disabled.is_(False))
+                                .order_by(User.id)).scalars().all()
+    return [_view(u) for u in users if Role.VOLUNTEER.value in u.role_set and not is_admin(u)]
 
 
 def _by_name(session, name: str) -> User:

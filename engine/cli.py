@@ -104,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("rotate-cluster-token",
                         help="replace the cluster token: every node must join again with the "
                              "new join command; a running `engine serve` restarts its Ray head")
+    approve = commands.add_parser(
+        "approve-volunteer", help="let VOLUNTEER see the join command while the "
+                                  "volunteer_approval setting is on")
+    approve.add_argument("volunteer")
     rotate = commands.add_parser("rotate-signature",
                                  help="void VOLUNTEER's node signature; their nodes must re-join")
     rotate.add_argument("volunteer")
@@ -297,6 +301,14 @@ def _join_command(args, settings: Settings) -> int:
     return 0
 
 
+def _approve_volunteer(args, settings: Settings) -> int:
+    store = Store(settings)
+    accounts.approve_volunteer(store, accounts.local_admin(store), args.volunteer)
+    print(f"volunteer {args.volunteer} approved: the portal's Join page shows them the join command"
+          + ("" if settings.volunteer_approval else " (volunteer_approval is off: it already did)"))
+    return 0
+
+
 def _rotate_cluster_token(args, settings: Settings) -> int:
     cluster.rotate_cluster_token(settings)
     print("The cluster token was replaced. A running `engine serve` restarts its Ray head "
@@ -389,6 +401,7 @@ def _serve(args, settings: Settings) -> int:
 _COMMANDS = {"submit": _submit, "status": _status, "results": _results, "cancel": _cancel,
              "list": _list, "init": _init, "rerun-failed": _rerun_failed, "backup": _backup,
              "user": _user,
-             "join-command": _join_command, "rotate-signature": _rotate_signature,
+             "join-command": _join_command, "approve-volunteer": _approve_volunteer,
+             "rotate-signature": _rotate_signature,
              "rotate-cluster-token": _rotate_cluster_token, "nodes": _nodes, "trust-node": _trust_node, "leaderboard": _leaderboard,
              "dispatcher": _dispatcher, "serve": _serve}

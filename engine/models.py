@@ -10,7 +10,7 @@ from __future__ import annotations
 from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class Base(DeclarativeBase):
@@ -40,6 +40,10 @@ class User(Base):
     sessions_valid_after: Mapped[float] = mapped_column(Float, default=0.0)
     # The client address of a self-service registration (its rate limit counts by it).
     registered_from: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Whether an admin approved this account as a volunteer: with the volunteer_approval
+    # setting on, only approved volunteers see the join command (engine.accounts). Accounts
+    # that were volunteers before schema version 5 count as approved.
+    volunteer_approved: Mapped[bool] = mapped_column(Boolean, default=False)
 
     @property
     def role_set(self) -> frozenset[str]:

@@ -81,6 +81,11 @@ class Settings:
         "", "Address volunteers use to reach the head. Empty means the machine's primary address.")
     allow_unclaimed_nodes: bool = _setting(
         False, "Whether nodes whose volunteer signature does not verify may run work (they never earn credit).")
+    volunteer_approval: bool = _setting(
+        False, "Whether a new volunteer sees the join command (which holds the cluster token) "
+               "only after an admin approves them. Off: every volunteer gets it on registering, "
+               "so a fresh single machine works with the defaults. On: fewer token holders; "
+               "the token still needs rotating if one leaks.")
     portal_port: int = _setting(
         8501, "Port of the Streamlit portal.")
     batch_size: int = _setting(

@@ -200,7 +200,19 @@ def _account_sessions(session: Session) -> None:
             session.execute(text(f"ALTER TABLE users ADD COLUMN {column} {kind}"))
 
 
-_MIGRATIONS = {2: _index_failed_rows_only, 3: _node_health, 4: _account_sessions}
+def _volunteer_approval(session: Session) -> None:
+    """Version 5: an admin can approve volunteers (the ``volunteer_approval`` setting). Every
+    account that is a volunteer already counts as approved, so that turning the setting on
+    does not hide the join command from people who are contributing."""
+    existing = {c["name"] for c in inspect(session.connection()).get_columns("users")}
+    if "volunteer_approved" not in existing:
+        session.execute(text("ALTER TABLE users ADD COLUMN volunteer_approved "
+                             "BOOLEAN NOT NULL DEFAULT FALSE"))
+    session.execute(text("UPDATE users SET volunteer_approved = TRUE WHERE roles LIKE '%volunteer%'"))
+
+
+_MIGRATIONS = {2: _index_failed_rows_only, 3: _node_health, 4: _account_sessions,
+               5: _volunteer_approval}
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -1,5 +1,5 @@
-"""Larger pieces of pages: one project's live panel, node health, security alerts, the
-cluster line, error groups, and the trial run with its estimate."""
+"""Larger pieces of pages: one project's live panel, node health, security alerts and
+volunteer approval, the cluster line, error groups, and the trial run with its estimate."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 import pandas as pd
 import streamlit as st
 
-from engine import ProjectStatusView
+from engine import ProjectStatusView, accounts
+from engine.errors import Forbidden
 from engine.projects import Estimate, Outlook, machine_name, node_label
 from engine.status import NodeHealth, ProjectStatus
 from portal import errors
@@ -87,6 +88,19 @@ def _alert_node(node_id: str | None, node) -> str:
     if node.attribution == "head":
         return f"{node_label('head', node.hostname, node.host, node_id)} ({node_id[:12]})"
     return f"{node_machine(node)} ({node_id[:12]})"
+
+
+def waiting_for_approval(store, settings, name: str) -> bool:
+    """Whether ``name`` waits for an admin's approval before seeing the join command
+    (``volunteer_approval``); if so, says so where the command would be."""
+    try:
+        accounts.require_may_join(store, settings, name)
+    except Forbidden as exc:
+        st.info(f"**Waiting for an admin's approval.** {errors.sentence(exc)} Once an admin has "
+                f"approved you, your command appears here (reload the page); meanwhile you "
+                f"can install what step 1 lists.", icon=":material/hourglass_top:")
+        return True
+    return False
 
 
 def verification_counts(view: ProjectStatusView) -> None:
