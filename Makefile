@@ -7,6 +7,9 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages: bubblewrap sandboxes research code; chromium runs the browser tests;
 # postgresql gives the store's tests a real server (they start their own; none is started here).
 APT_PACKAGES := bubblewrap chromium postgresql
+# The tests' volunteer nodes run as volunteers do: as an unprivileged user, from a venv of
+# the system's Python of the head's minor version (python3.X and python3.X-venv).
+PY_MINOR := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
 .PHONY: run test test-fast install system-deps bench bench-smoke bench-scaling clean
 
@@ -32,6 +35,7 @@ system-deps:
 	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	/usr/bin/python$(PY_MINOR) -c 'import ensurepip' >/dev/null 2>&1 || missing="$$missing python$(PY_MINOR) python$(PY_MINOR)-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \

@@ -1,4 +1,9 @@
-"""Confining Ray itself on the head: its processes reach nothing of value.
+"""Confining Ray itself, on the head and on volunteers' machines: its processes reach
+nothing of value.
+
+The head (``head_prefix``) and a volunteer's node (``node_command``, which the join
+command is made of) are confined differently, because of who starts them: the head by the
+operator, often root; a node by the volunteer, as their own unprivileged user.
 
 Ray trusts every holder of the cluster token, and every volunteer holds it: any of them
 can run a task on the head (``NodeAffinitySchedulingStrategy(head, soft=False)``), outside
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -95,3 +101,61 @@ def _python_back(masked: str) -> list[str]:
 
 def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+# -- a volunteer's node ----------------------------------------------------------------------
+
+# What a node sees of the volunteer's machine: the system, read-only, and nothing else.
+# Each is bound only if it exists (``-try``), so one command fits merged-/usr distributions
+# (/bin a symlink) and others alike. /sys is there for Ray's CPU and memory detection.
+_NODE_SYSTEM = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/sys",
+                "/run/systemd/resolve")  # the last: where systemd-resolved puts resolv.conf
+
+# Run inside the node's sandbox by ``sh -c``: refuse root (see node_command), start Ray
+# without --block, then stay until the raylet ends. ``ray stop`` ends the raylet, so this
+# shell returns, and bubblewrap, as the PID namespace's init, takes every process left in it
+# along (a task's daemon included). ``ray start --block`` would not do: after ``ray stop``
+# it keeps running (it counts SIGTERM as a clean exit), and so would whatever a task left.
+NODE_WATCH = (
+    'if [ "$(id -u)" = 0 ]; then echo "Constellation: run this as your own user, not as root" >&2; exit 1; fi; '
+    'ray start "$@" || exit; '
+    'for p in /proc/[0-9]*; do [ "$(cat "$p/comm" 2>/dev/null)" = raylet ] && r=${p#/proc/}; done; '
+    'while kill -0 "$r" 2>/dev/null; do sleep 2; done'
+)
+
+
+# Expanded by the volunteer's shell, not by us: the venv they activated, where ``ray`` is.
+VENV = "$VIRTUAL_ENV"
+
+
+def node_command(env: dict[str, str], ray_options: list[str]) -> str:
+    """The shell command that starts a confined volunteer's node: ``env`` assigned, then
+    bubblewrap, then ``ray start`` with ``ray_options``. Options appended to the command
+    go to ``ray start`` too."""
+    words = [f"{key}={shlex.quote(value)}" for key, value in env.items()]
+    words += ['"$VIRTUAL_ENV"' if word == VENV else shlex.quote(word)
+              for word in node_argv(ray_options)]
+    return " ".join(words)
+
+
+def node_argv(ray_options: list[str]) -> list[str]:
+    """The argv of a confined volunteer's node (``VENV`` stands for the venv's path).
+
+    Inside, the node has the system read-only, the volunteer's virtual environment
+    (``$VIRTUAL_ENV``, expanded by the volunteer's shell) read-only, a private /tmp for Ray
+    (a tmpfs: nothing stays on disk), and no home directory, /var/tmp, /run, /mnt, /media,
+    /opt or /srv. It has its own user, PID and IPC namespaces: another process of the
+    volunteer is neither visible nor readable from inside, and ending the PID namespace's
+    init (bubblewrap) ends everything in it. The network is the machine's: Ray needs it.
+
+    The row sandbox nests inside. That works when an unprivileged user starts the node,
+    and is refused by the kernel when root does (the outer user namespace then keeps
+    capabilities or locks its /proc mounts), so the node refuses to start as root.
+    """
+    args = ["bwrap", "--die-with-parent", "--unshare-user", "--unshare-pid", "--unshare-ipc"]
+    for path in _NODE_SYSTEM:
+        args += ["--ro-bind-try", path, path]
+    args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+             "--ro-bind-try", VENV, VENV, "--chdir", "/tmp",
+             "--", "sh", "-c", NODE_WATCH, "constellation-node"]
+    return args + ray_options

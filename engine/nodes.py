@@ -22,7 +22,6 @@ import hashlib
 import hmac
 import logging
 import re
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -30,8 +29,8 @@ from datetime import datetime, timezone
 
 from sqlalchemy import select, update
 
-from engine import cluster
-from engine.accounts import Role, is_admin, require_role
+from engine import cluster, confinement
+from engine.accounts import Role, is_admin, require_may_join, require_role
 from engine.errors import InvalidRequest, NotFound
 from engine.keys import data_secret
 from engine.models import Node, User, VolunteerKey
@@ -106,13 +105,17 @@ def _generation(session, name: str) -> int:
 def join_command(store: Store, settings: Settings, volunteer_name: str) -> str:
     """The one shell command that joins a machine to the cluster as ``volunteer_name``'s node.
 
-    It ends with the ``ray start`` invocation, so options such as ``--num-cpus=2`` can be
-    appended. Raises NotFound unless the user exists, is enabled and may volunteer.
+    The node runs confined (``confinement.node_argv``: no home directory, the system and the
+    volunteer's venv read-only), so it is run as the volunteer's own user in a shell where
+    that venv is activated. It ends with ``ray start``'s options, so options such as
+    ``--num-cpus=2`` can be appended. Raises NotFound unless the user exists, is enabled
+    and may volunteer, and Forbidden while ``volunteer_approval`` holds them back.
     """
     with store.session() as session:
         user = _volunteer(session, volunteer_name)
         generation = _generation(session, user.name)
         label = _label_for(user)
+    require_may_join(store, settings, user.name)  # volunteer_approval
     labels = f"{VOLUNTEER_LABEL}={label},{SIGNATURE_LABEL}={signature(settings, user.name, generation)}"
     env = {
         "RAY_AUTH_MODE": "token",
@@ -121,11 +124,9 @@ def join_command(store: Store, settings: Settings, volunteer_name: str) -> str:
         # is what matters for pickled code, and volunteers cannot be asked to match patches.
         "RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL": "minor",
     }
-    words = [f"{k}={shlex.quote(v)}" for k, v in env.items()]
-    words += ["ray", "start", f"--address={shlex.quote(cluster.head_address(settings))}",
-              f"--labels={shlex.quote(labels)}", "--disable-usage-stats",
-              *cluster.port_options(settings.node_ports)]
-    return " ".join(words)
+    options = [f"--address={cluster.head_address(settings)}", f"--labels={labels}",
+               "--disable-usage-stats", *cluster.port_options(settings.node_ports)]
+    return confinement.node_command(env, options)
 
 
 def python_minor() -> str:
@@ -166,11 +167,13 @@ def install_instructions(settings: Settings) -> str:
         f"\nBehind NAT (a home router), the head cannot reach you: you need a shared network, "
         f"the same LAN or an overlay network such as WireGuard or Tailscale, and then append "
         f"`--node-ip-address=<your address on it>` to the command.\n\n"
-        f"**3. Run the command below** in a shell where `ray` is that Ray. Append options at "
-        f"the end: `--num-cpus=N` gives at most N CPUs. Within seconds this page shows your "
-        f"machine being checked, then ready (or what to fix).\n\n"
-        f"**4. To stop** contributing, run `ray stop`. If the head restarts, your node leaves "
-        f"after about a minute: run the same command again.\n\n"
+        f"**3. Run the command below as your own user, not root,** in the shell where that "
+        f"venv is activated. It starts your node confined with bubblewrap: the node sees the "
+        f"system and the venv read-only, and nothing of your home or your other processes. "
+        f"Append options at the end: `--num-cpus=N` gives at most N CPUs. Within seconds this "
+        f"page shows your machine being checked, then ready (or what to fix).\n\n"
+        f"**4. To stop** contributing, press Ctrl-C, or run `ray stop`. If the head restarts, "
+        f"your node leaves after about a minute: run the same command again.\n\n"
         f"The command contains the cluster's secret token and your signature: do not share "
         f"it. If it leaks, rotate your signature (the old one stops earning)."
     )

@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import sysconfig
 import threading
 import time
@@ -25,7 +24,7 @@ from engine import accounts, cluster, projects
 from engine.models import NodeScriptFailure, Task
 from engine.scheduler import Dispatcher
 from volunteer_cluster import assert_clean_node, plain_join_command, start_node
-from volunteer_env import volunteer_home, volunteer_python
+from volunteer_env import base_python, volunteer_home, volunteer_python
 
 pytestmark = pytest.mark.slow
 
@@ -131,13 +130,13 @@ def _venv_with_extra_module(module_name: str, module_source: str) -> tuple[Path,
     The module must be in the venv itself, not on PYTHONPATH: research code imports it in
     the sandboxed child, which runs ``python -I`` (no PYTHONPATH) with ``$HOME`` masked, and
     sees only the system and the node's Python installation. So the node's venv is a new
-    one in the volunteer's home (made with the base interpreter), whose site-packages
+    one in the volunteer's home (made with the volunteers' interpreter), whose site-packages
     holds the module and a .pth line to the clean venv's packages (Ray and its
     dependencies); the shared clean venv itself stays untouched. Returns (home, bin).
     """
     home = volunteer_home("extra")
     venv = home / "venv"
-    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+    subprocess.run([base_python(), "-m", "venv", "--without-pip", str(venv)], check=True,
                    cwd=home, env={"PATH": "/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"})
     site = _site_packages(venv)
     (site / "volunteer_ray.pth").write_text(f"{_site_packages(volunteer_python().parent.parent)}\n")

@@ -16,7 +16,7 @@ import pytest
 from ray._private.label_utils import parse_node_labels_string, validate_label_selector
 
 from conftest import ROOT, engine_env
-from engine import accounts, nodes
+from engine import accounts, confinement, nodes
 from engine.accounts import Role
 from engine.errors import Forbidden, NotFound
 
@@ -30,13 +30,17 @@ def people(store):
 
 
 def parse(command: str) -> tuple[dict, list[str]]:
-    """Split a join command into its environment assignments and the ray argv."""
+    """Split a join command into its environment assignments and the ``ray start`` argv it
+    runs (inside the node's confinement: ``bwrap ... -- sh -c SCRIPT $0 OPTIONS``)."""
     words = shlex.split(command)
     env = {}
     while "=" in words[0] and not words[0].startswith("-"):
         key, value = words.pop(0).split("=", 1)
         env[key] = value
-    return env, words
+    assert words[0] == "bwrap", words[:3]
+    script = words.index(confinement.NODE_WATCH)
+    assert words[script - 2:script] == ["sh", "-c"] and 'ray start "$@"' in words[script]
+    return env, ["ray", "start", *words[script + 2:]]
 
 
 def labels_of(command: str) -> dict:

@@ -456,7 +456,8 @@ def test_leaderboard_ranks_volunteers_by_credit(portal, settings):
 def test_join_shows_the_volunteers_command(portal):
     at = open_page(signed_in("vic"), "app_pages/join.py")
     command = at.code[0].value
-    assert "ray start --address=" in command and "RAY_AUTH_MODE=token" in command
+    assert command.startswith("RAY_AUTH_MODE=token ") and " bwrap " in command
+    assert 'ray start "$@"' in command and "RAY_AUTH_MODE=token" in command
 
 
 def test_admin_disables_users_and_cancels_projects(portal):

@@ -14,6 +14,7 @@ environment, see ``tests/fixtures/cheater``): they are copied into its home and 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shlex
 import shutil
@@ -25,17 +26,18 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from conftest import ROOT, fixture_bytes, free_port, free_ports, short_tempdir, write_token
-from engine import accounts, nodes, projects
+from engine import accounts, confinement, nodes, projects
 from engine.accounts import Role
 from engine.models import Project
 from engine.settings import Settings
 from engine.status import ProjectStatus
 from engine.store import Store
-from volunteer_env import copy_into_home, node_environ, volunteer_env, volunteer_home
+from volunteer_env import (copy_into_home, give_to, node_environ, node_uid, volunteer_env,
+                           volunteer_home)
 
 __all__ = ["VolunteerCluster", "VolunteerNode", "add_volunteer", "assert_clean_node", "ended",
-           "node_temp_dir", "plain_join_command", "run_to_end", "run_until", "start_node",
-           "submit", "volunteer_cluster", "volunteer_env"]
+           "is_confined", "node_temp_dir", "plain_join_command", "run_to_end", "run_until", "start_node",
+           "submit", "unconfined", "volunteer_cluster", "volunteer_env"]
 
 JOIN_SECONDS = 120
 WORKER_PORTS = 24  # per node: its workers, and Ray's spare ones
@@ -50,6 +52,7 @@ class VolunteerNode:
     process: subprocess.Popen
     log: Path
     env: dict[str, str]   # the environment it was started with
+    uid: int | None       # the volunteer's user (None: the tests' own)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -63,15 +66,14 @@ class VolunteerNode:
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
                 with contextlib.suppress(OSError, ValueError, IndexError):
-                    # The parent's pid is the 4th field, after the ")" that ends the name.
-                    parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                    children.setdefault(parent, []).append(int(entry.name))
+                    children.setdefault(_parent(int(entry.name)), []).append(int(entry.name))
         found, todo = [], [self.process.pid]
         while todo:
             pid = todo.pop()
-            with contextlib.suppress(OSError):
-                if Path(f"/proc/{pid}/comm").read_text().strip() == "bwrap":
-                    continue  # a sandbox: research code's own scrubbed environment, not Ray's
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if (pid != self.process.pid and _comm(pid) == "bwrap"
+                        and _comm(_parent(pid)) not in _CONFINEMENT):
+                    continue  # a row sandbox: research code's own scrubbed environment
             found.append(pid)
             todo.extend(children.get(pid, []))
         return found
@@ -96,6 +98,20 @@ class VolunteerNode:
         shutil.rmtree(self.home, ignore_errors=True)
 
 
+# The processes between the shell that runs a join command and ``ray start``: the node's
+# own confinement (bwrap, its PID namespace's init, the watching shell).
+_CONFINEMENT = {"bash", "bwrap", "sh"}
+
+
+def _comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def _parent(pid: int) -> int:
+    # The parent's pid is the 4th field, after the ")" that ends the name.
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 @dataclass
 class VolunteerCluster:
     settings: Settings
@@ -118,8 +134,34 @@ class VolunteerCluster:
 
 def plain_join_command(address: str, token: str) -> str:
     """What anyone holding the cluster token can run: a node with no volunteer's labels."""
-    return (f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN={shlex.quote(token)} ray start "
+    return (f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN={shlex.quote(token)} "
+            f"RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL=minor ray start "
             f"--address={shlex.quote(address)} --disable-usage-stats")
+
+
+def is_confined(command: str) -> bool:
+    """Whether ``command`` is a join command that confines its node (bwrap around ray start)."""
+    return shlex.split(command)[len(_assignments(command))] == "bwrap"
+
+
+def unconfined(command: str) -> str:
+    """``command`` with its confinement stripped: what a volunteer who does not care, or
+    means harm, runs instead (the same token, labels and options, plain ``ray start``)."""
+    words = shlex.split(command)
+    env = _assignments(command)
+    options = words[words.index(confinement.NODE_WATCH) + 2:]  # after sh -c SCRIPT $0
+    return shlex.join([*env, "ray", "start", *options])
+
+
+def _assignments(command: str) -> list[str]:
+    words = shlex.split(command)
+    return list(itertools.takewhile(lambda w: "=" in w and not w.startswith("-"), words))
+
+
+def _with_bind(command: str, path: Path) -> str:
+    """A confined join command that also shows the node ``path`` (read-only)."""
+    before, after = command.split(" --chdir /tmp -- sh -c ", 1)
+    return f"{before} --ro-bind {shlex.quote(str(path))} {shlex.quote(str(path))} --chdir /tmp -- sh -c {after}"
 
 
 def start_node(name: str, command: str, pythonpath: Path | None = None, *, cpus: int = 1,
@@ -131,12 +173,23 @@ def start_node(name: str, command: str, pythonpath: Path | None = None, *, cpus:
     home). ``venv_bin`` replaces the clean venv on PATH, ``home`` the fresh home directory
     (for a node whose venv was made in it). Without ``own_ports`` the node keeps the ports
     the join command pins (only one such node fits on this machine).
+
+    The node runs as the volunteer's own user (``node_uid``), as a volunteer runs it. A
+    confined command keeps running while its node does; a plain ``ray start`` is given
+    ``--block``. The node's extra modules are bound into a confined node (its home is not
+    there), as a volunteer would add ``--ro-bind`` for something of theirs.
     """
     directory = short_tempdir(f"cv-{name}-")
     home = home if home is not None else volunteer_home(name)
     log = directory / "node.log"
     extra = copy_into_home(home, pythonpath) if pythonpath is not None else None
+    uid = node_uid(name)
+    give_to(home, uid)
+    give_to(directory, uid)  # a plain node's Ray temp dir (a confined node's is private)
     env = volunteer_env(home, extra, venv_bin=venv_bin)
+    confined = is_confined(command)
+    if extra is not None and confined:
+        command = _with_bind(command, extra)
     # Several nodes share this machine: each needs its own temp dir and ports. The ports
     # given here override the join command's fixed range (the last value of an option wins).
     (node_manager, object_manager, agent_grpc, agent_listen, metrics, runtime_env,
@@ -147,12 +200,14 @@ def start_node(name: str, command: str, pythonpath: Path | None = None, *, cpus:
              f"--dashboard-agent-listen-port={agent_listen} --metrics-export-port={metrics} "
              f"--runtime-env-agent-port={runtime_env} --worker-port-list={workers} "
              if own_ports else "")
-    full = f"{command} --num-cpus={cpus} --temp-dir={directory / 'ray'} {ports}--block"
+    full = f"{command} --num-cpus={cpus} --temp-dir={directory / 'ray'} {ports}"
+    full += "" if confined else "--block"
+    user = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
     with open(log, "wb") as out:
         process = subprocess.Popen(["/bin/bash", "-c", full], cwd=home, env=env,
                                    stdin=subprocess.DEVNULL, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    return VolunteerNode(name, directory, home, process, log, env)
+                                   stderr=subprocess.STDOUT, start_new_session=True, **user)
+    return VolunteerNode(name, directory, home, process, log, env, uid)
 
 
 def assert_clean_node(node: VolunteerNode) -> None:
@@ -179,7 +234,7 @@ def assert_clean_node(node: VolunteerNode) -> None:
         assert not leaked, f"{where} has the repository in its environment: {leaked}"
         assert str(ROOT) not in cmdline, f"{where} names the repository"
         assert not cwd.startswith(str(ROOT)), f"{where} works in {cwd}"
-        assert "VIRTUAL_ENV" not in environ, where
+        assert environ.get("VIRTUAL_ENV", node.env["VIRTUAL_ENV"]) == node.env["VIRTUAL_ENV"], where
         assert not [k for k in environ if k.startswith("CONSTELLATION_")], where
         for entry in filter(None, environ.get("PYTHONPATH", "").split(":")):
             assert entry.startswith((f"{node.home}/", f"{node.directory}/")), \
@@ -198,14 +253,15 @@ def node_temp_dir(ray_node: dict) -> str:
 def volunteer_cluster(volunteers: tuple[str, ...], *, head_cpus: int | None,
                       pythonpath: dict[str, Path] | None = None,
                       others: Callable[[dict[str, str]], dict[str, tuple[str, bool]]] | None = None,
-                      pinned: str | None = None,
+                      pinned: str | None = None, careless: tuple[str, ...] = (),
                       **settings: object) -> Iterator[VolunteerCluster]:
     """A head started by the engine and one 1-CPU node per volunteer, joined by command.
 
     ``others``, given the volunteers' join commands by name, names more nodes to start:
     name -> (command, whether it joins), e.g. a forged signature (joins, unclaimed) or a
-    ``pinned`` names the one volunteer whose node keeps the join command's fixed ports.
-    wrong token (refused).
+    wrong token (refused). ``pinned`` names the one volunteer whose node keeps the join
+    command's fixed ports; ``careless`` the volunteers who strip its confinement
+    (``unconfined``).
     """
     import ray
 
@@ -230,6 +286,7 @@ def volunteer_cluster(volunteers: tuple[str, ...], *, head_cpus: int | None,
     try:
         commands = {name: nodes.join_command(store, config, name) for name in volunteers}
         for name, command in commands.items():
+            command = unconfined(command) if name in careless else command
             state.nodes[name] = start_node(name, command, (pythonpath or {}).get(name),
                                            own_ports=name != pinned)
         for name, (command, joins) in (others(commands) if others else {}).items():

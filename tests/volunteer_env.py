@@ -5,8 +5,10 @@ The README tells a volunteer to install the head's Python minor version and
 ``pip install ray==<the head's Ray>``, nothing else. A node started from the project's own
 ``.venv`` would find SQLAlchemy, bcrypt, pandas and the repository, and hide every import
 that a real volunteer's node cannot do. So every node in the tests runs from
-``volunteer_python()``: a virtual environment made from the base interpreter with
-``python -m venv`` and ``pip install ray==<pinned>``, built once and reused.
+``volunteer_python()``: a virtual environment made from the system's Python of the head's
+minor version with ``python -m venv`` and ``pip install ray==<pinned>``, built once and
+reused. Each node runs as an unprivileged user of its own (``node_uid``), as a volunteer
+does: the join command confines the node, and refuses root.
 
 It lives under ``/var/tmp/constellation-volunteer`` (``CONSTELLATION_VOLUNTEER_DIR``
 overrides it): outside the repository, so that no path into the repository is on a node,
@@ -90,12 +92,14 @@ def volunteer_env(home: Path, extra_pythonpath: Path | None = None, *,
     """A volunteer's shell, from scratch: the clean venv first on PATH, their own HOME.
 
     Nothing is inherited from this process: no RAY_*, no CONSTELLATION_*, no PYTHONPATH,
-    no VIRTUAL_ENV, no path into the repository. ``extra_pythonpath`` is the volunteer's
+    no path into the repository. ``extra_pythonpath`` is the volunteer's
     own addition (a directory inside ``home``, see ``copy_into_home``); ``venv_bin``
     replaces the clean venv's bin directory (a node whose venv has something more).
     """
     bin_dir = venv_bin if venv_bin is not None else volunteer_python().parent
-    env = {"PATH": f"{bin_dir}:{SYSTEM_PATH}", "HOME": str(home), "LANG": "C.UTF-8"}
+    # As ``source bin/activate`` leaves it: the join command binds $VIRTUAL_ENV into the node.
+    env = {"PATH": f"{bin_dir}:{SYSTEM_PATH}", "HOME": str(home), "LANG": "C.UTF-8",
+           "VIRTUAL_ENV": str(bin_dir.parent)}
     if extra_pythonpath is not None:
         env["PYTHONPATH"] = str(extra_pythonpath)
     leaked = [f"{k}={v}" for k, v in env.items() if str(ROOT) in v]
@@ -145,9 +149,48 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _base_python() -> str:
-    """The interpreter the project's venv was made from, never the venv's own python."""
+def base_python() -> str:
+    """The volunteer's interpreter: the system's Python of the head's minor version.
+
+    A volunteer installs it from their distribution (``python3.X``, ``python3.X-venv``)
+    and runs the node as their own user, so the venv must not be made from the project's
+    interpreter when that lives where only its owner can read (pyenv under /root). A
+    machine without it can still run nodes as the same user as the tests.
+    """
+    for directory in ("/usr/bin", "/usr/local/bin"):
+        candidate = os.path.join(directory, f"python{python_minor()}")
+        if os.access(candidate, os.X_OK):
+            return candidate
+    assert os.geteuid() != 0, (
+        f"nodes run as an unprivileged user, and need a system python{python_minor()} "
+        f"(Debian: apt install python{python_minor()} python{python_minor()}-venv)")
     return os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+
+
+# -- the volunteer's user --------------------------------------------------------------------
+
+# A volunteer runs the join command as their own user, never root (the node refuses root).
+# Tests run by root give each node a uid of its own, from here up; otherwise nodes run as
+# the tests' own user.
+FIRST_NODE_UID = 42_000
+_node_uids: dict[str, int] = {}
+
+
+def node_uid(name: str) -> int | None:
+    """The uid ``name``'s node runs as (None: this process's own)."""
+    if os.geteuid() != 0:
+        return None
+    return _node_uids.setdefault(name, FIRST_NODE_UID + len(_node_uids))
+
+
+def give_to(path: Path, uid: int | None) -> None:
+    """Make ``path`` (and everything in it) the volunteer's own."""
+    if uid is None:
+        return
+    for root, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            os.lchown(os.path.join(root, name), uid, uid)
+    os.lchown(path, uid, uid)
 
 
 def _problem(venv: Path) -> str | None:
@@ -159,7 +202,7 @@ def _problem(venv: Path) -> str | None:
         stamped = json.loads(stamp.read_text())
     except ValueError:
         return "unreadable stamp file"
-    wanted = {"ray": pinned_ray(), "python": python_minor(), "base_python": _base_python()}
+    wanted = {"ray": pinned_ray(), "python": python_minor(), "base_python": base_python()}
     if {k: stamped.get(k) for k in wanted} != wanted:
         return f"stamped {stamped}, wanted {wanted}"
     probe = ("import importlib.util, json, sys\n"
@@ -195,7 +238,7 @@ def _build(venv: Path) -> None:
     building = Path(tempfile.mkdtemp(prefix=f".{venv.name}.building-", dir=venv.parent))
     try:
         building.chmod(0o755)
-        subprocess.run([_base_python(), "-m", "venv", "--prompt", venv.name, str(building)],
+        subprocess.run([base_python(), "-m", "venv", "--prompt", venv.name, str(building)],
                        check=True, stdin=subprocess.DEVNULL, timeout=600)
         # pip's own configuration (index, certificates) comes from this machine: the
         # volunteer installs from the package registry like anyone else. Nothing else.
@@ -211,7 +254,7 @@ def _build(venv: Path) -> None:
                         "-s", str(building), "-p", str(venv), str(building / "lib")],
                        check=True, env=pip_env, stdin=subprocess.DEVNULL,
                        stdout=subprocess.DEVNULL, timeout=600)
-        stamp = {"ray": pinned_ray(), "python": python_minor(), "base_python": _base_python(),
+        stamp = {"ray": pinned_ray(), "python": python_minor(), "base_python": base_python(),
                  "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "build_seconds": round(time.monotonic() - started, 1)}
         (building / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
