@@ -34,6 +34,7 @@ from sqlalchemy import select
 from engine.accounts import visible_project
 from engine.errors import InvalidRequest
 from engine.models import DatasetChunk, Project, Task, User
+from engine.results import unrun_status
 from engine.status import TaskStatus
 from engine.store import Store
 
@@ -90,9 +91,10 @@ def _write_json(store: Store, project: Project, out: TextIO) -> None:
     dumps = json.dumps
     out.write("[")
     first = True
+    unrun = unrun_status(project.status)  # "not run" once the project has ended without it
     for index, _values, task in _rows(store, project):
         if task is None:
-            status, output, error, verification = TaskStatus.PENDING.value, "null", "null", "null"
+            status, output, error, verification = unrun, "null", "null", "null"
         else:
             status, output, error = task[1], task[2] or "null", dumps(task[3])
             verification = f'"{task[4]}"'

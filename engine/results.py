@@ -87,7 +87,7 @@ def results_page(store: Store, actor, project_id: int, *, start: int = 0,
             .where(Task.project_id == project_id, Task.row_index >= start,
                    Task.row_index < end)).all()}
         inputs = _inputs(session, project_id, range(start, end))
-        unrun = _unrun_status(project.status)
+        unrun = unrun_status(project.status)
         return ResultsPage(columns=columns, total=project.rows_total, next_after=None,
                            rows=[_row(i, columns, inputs.get(i), tasks.get(i), unrun)
                                  for i in range(start, end)])
@@ -155,7 +155,8 @@ def _inputs(session, project_id: int, indices) -> dict[int, list]:
     return found
 
 
-def _unrun_status(project_status: str) -> str:
+def unrun_status(project_status: str) -> str:
+    """How a row without a result reads in a project of ``project_status``."""
     ended = project_status in (ProjectStatus.FAILED.value, ProjectStatus.CANCELLED.value)
     return NOT_RUN if ended else TaskStatus.PENDING.value
 

@@ -5,6 +5,8 @@ sign-in form, real SQLite, real sandboxed trial runs; no Ray.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import time
 
@@ -14,6 +16,7 @@ from sqlalchemy import text
 from conftest import fixture_bytes
 from engine import accounts, projects
 from engine.accounts import Role
+from engine.export import export_results
 from engine.models import DispatcherLease, Node, Project
 from engine.status import ProjectStatus, RowResult, record_replicas, record_results, transition_project
 from test_portal import (PASSWORD, app, complete, open_page, portal, register, sign_in,  # noqa: F401
@@ -288,6 +291,10 @@ def test_a_cancelled_projects_unrun_rows_say_not_run(portal):
     at = open_page(at, "app_pages/projects.py", id=pid)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Not run"] == "6" and "Pending" not in metrics
+    # The JSON export says so too (the CSV has no status column).
+    out = io.StringIO()
+    export_results(portal, accounts.get_user(portal, "ada"), pid, "json", out)
+    assert [r["status"] for r in json.loads(out.getvalue())] == ["succeeded"] * 4 + ["not run"] * 6
 
 
 def test_dict_outputs_expand_into_columns_before_the_inputs(portal):
