@@ -116,17 +116,18 @@ class NodeHealthBook:
         """Live nodes that must get no work now: still checking, or quarantined."""
         return {n for n in alive if not self.ready(n)}
 
-    def reasons(self, node_ids: set[str]) -> list[str]:
-        """Why these nodes get no work, one line each."""
+    def reasons(self, node_ids: set[str],
+                label: Callable[[str], str] = lambda node_id: f"node {short_id(node_id)}") -> list[str]:
+        """Why these nodes get no work, one line each; ``label`` names a node for people."""
         lines = []
         for node_id in sorted(node_ids):
             record = self._records.get(node_id)
             if record is None or record.health is NodeHealth.CHECKING:
-                lines.append(f"node {short_id(node_id)} is being checked")
+                lines.append(f"{label(node_id)} is being checked")
             elif record.health is NodeHealth.QUARANTINED:
-                lines.append(f"node {short_id(node_id)} is quarantined: {record.reason}")
+                lines.append(f"{label(node_id)} is quarantined: {record.reason}")
             elif record.health is NodeHealth.REMOVED:
-                lines.append(f"node {short_id(node_id)} was removed: {record.reason}")
+                lines.append(f"{label(node_id)} was removed: {record.reason}")
         return lines
 
     # -- the node check -------------------------------------------------------------------

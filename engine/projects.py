@@ -225,7 +225,7 @@ def rows_per_node(store: Store, actor: User, project_id: int) -> dict[str, int]:
             counts[node_id] = counts.get(node_id, 0) + n
         known = {n.node_id: n for n in session.execute(select(Node).where(
             Node.node_id.in_([i for i in counts if i is not None]))).scalars()}
-    labels = _unique_labels({node_id: _label_of(node_id, known.get(node_id)) for node_id in counts})
+    labels = _unique_labels({node_id: label_of(node_id, known.get(node_id)) for node_id in counts})
     return {labels[node_id]: n for node_id, n in sorted(counts.items(), key=lambda kv: -kv[1])}
 
 
@@ -240,7 +240,8 @@ def node_label(owner: str, hostname: str | None, host: str | None, node_id: str)
     return f"{owner} · {machine_name(hostname, host) or 'node ' + node_id[:8]}"
 
 
-def _label_of(node_id: str | None, node: Node | None) -> str:
+def label_of(node_id: str | None, node: Node | None) -> str:
+    """How people read the node that ran something (``node``: its registry row, if any)."""
     if node_id is None:
         return "no node (the row failed on every node tried)"
     if node is None:

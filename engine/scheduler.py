@@ -43,10 +43,10 @@ from typing import Any, Callable
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from engine import cluster, credit, drivers, nodes, replication
+from engine import cluster, credit, drivers, nodes, projects, replication
 from engine.batching import BatchSizer
 from engine.health import NodeHealthBook, ray_failure, short_id
-from engine.models import DatasetChunk, DispatcherLease, NodeScriptFailure, Project, Task
+from engine.models import DatasetChunk, DispatcherLease, Node, NodeScriptFailure, Project, Task
 from engine.node import entry
 from engine.node.result import BatchFailure, BatchReport, FailureKind, RowResult
 from engine.node.sandbox import Limits
@@ -335,13 +335,18 @@ class Dispatcher:
         return {self._party_of[n] for n in self._alive_nodes - self._excluded_nodes
                 if n in self._party_of}
 
+    def _node_label(self, node_id: str) -> str:
+        """A node as the researcher reads it: "vic · laptop", from the registry."""
+        with self.store.session() as session:
+            return projects.label_of(node_id, session.get(Node, node_id))
+
     def _update_notice(self, run: _Run) -> None:
         """What the project is waiting for, if anything: the one place its notice is decided."""
         notice = None
         usable = self._alive_nodes - self._excluded_nodes
         if self._alive_nodes and not usable:
             reasons = self.health.reasons(self._alive_nodes & self._excluded_nodes
-                                          - self._unclaimed)
+                                          - self._unclaimed, self._node_label)
             notice = (f"{_WAITING}a node that can run it: "
                       + ("; ".join(reasons) if reasons else "no node may take work"))
         elif run.replicas is not None:

@@ -110,3 +110,19 @@ def test_a_ray_error_that_names_its_node_is_pinned_on_that_node():
             return f"The worker died unexpectedly. Node ID: {'c' * 56}, worker IP: 10.0.0.2"
 
     assert ray_failure(Named())[0] == "c" * 56
+
+
+def test_the_dispatchers_waiting_notice_names_nodes_as_people_read_them(store, settings):
+    """A researcher whose project waits reads "vic · laptop is quarantined: ...", not a hex id."""
+    from engine.scheduler import Dispatcher
+
+    node, stranger = "c" * 56, "d" * 56
+    now = time.time()
+    with store.session() as session:
+        session.add(Node(node_id=node, role="volunteer", volunteer="vic", claimed=True,
+                         hostname="laptop.lan", first_seen=now, last_seen=now))
+    dispatcher = Dispatcher(store, settings)
+    dispatcher.health.batch_failed(node, UNLOADABLE)
+    assert dispatcher.health.reasons({node, stranger}, dispatcher._node_label) == [
+        f"vic · laptop is quarantined: {UNLOADABLE.message}",
+        f"unknown node {stranger[:8]} is being checked"]
