@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import math
 
+# No batch is larger than this, however light its rows: one Ray call's arguments and
+# results stay a few MB, and a lost batch costs little to redo.
+MAX_BATCH_ROWS = 50_000
+
 
 class BatchSizer:
     def __init__(self, *, fixed: int | None, initial: int, target_seconds: float = 1.0,
-                 max_rows: int = 50_000):
+                 max_rows: int = MAX_BATCH_ROWS):
         self.fixed = fixed
         self.initial = max(1, initial)
         self.target_seconds = target_seconds

@@ -338,7 +338,7 @@ def _nodes(args, settings: Settings) -> int:
     else:
         for v in views:
             health = v.health + (f" ({v.health_reason})" if v.health_reason else "")
-            print(f"{v.node_id[:12]}\t{v.status}\t{v.attribution}\t{v.cpus:g} CPUs\t"
+            print(f"{nodes.short_id(v.node_id)}\t{v.status}\t{v.attribution}\t{v.cpus:g} CPUs\t"
                   f"{v.tasks_completed} tasks\t{v.host}\t{health}"
                   + ("\ttrusted" if v.trusted else ""))
     return 0

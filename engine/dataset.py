@@ -47,9 +47,6 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def row_dict(self, index: int) -> dict[str, Any]:
-        return dict(zip(self.columns, self.rows[index]))
-
 
 def detect_format(name: str, data: bytes) -> str:
     lowered = name.lower()

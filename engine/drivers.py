@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 
 from engine.accounts import Role, require_role
 from engine.models import Node, OwnDriver, SecurityAlert, User
+from engine.nodes import short_id
 from engine.status import NodeHealth
 from engine.store import Store
 
@@ -126,8 +127,8 @@ def _answer(store: Store, driver: Driver, drain: Callable[[str], None]) -> Answe
             if changed:
                 actions.append(f"volunteer {volunteer} disabled pending review")
         where = ("the head's own machine" if on_head else
-                 f"node {driver.node_id[:12]}" if node is not None else
-                 f"an unknown node {driver.node_id[:12]}")
+                 f"node {short_id(driver.node_id)}" if node is not None else
+                 f"an unknown node {short_id(driver.node_id)}")
         detail = (f"Ray job {driver.job_id} from {where} ({driver.ip}, pid {driver.pid}): "
                   f"{driver.entrypoint[:300]}. " + ("; ".join(actions) + "." if actions else ""))
         alert = SecurityAlert(raised_at=time.time(), kind=ROGUE_DRIVER, job_id=driver.job_id,
@@ -144,7 +145,7 @@ def _answer(store: Store, driver: Driver, drain: Callable[[str], None]) -> Answe
     try:
         drain(driver.node_id)
     except Exception as exc:  # the node may be gone already
-        logger.warning("drivers: could not drain node %s: %s", driver.node_id[:12], exc)
+        logger.warning("drivers: could not drain node %s: %s", short_id(driver.node_id), exc)
     return Answer(alert, driver.node_id)
 
 
@@ -161,7 +162,7 @@ def drain_with_ray(address: str) -> Callable[[str], None]:
             "a driver that is not Constellation's came from this node", 0)
         if not accepted:
             raise RuntimeError(why)
-        logger.info("drivers: node %s drained", node_id[:12])
+        logger.info("drivers: node %s drained", short_id(node_id))
 
     return drain
 

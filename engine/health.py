@@ -27,6 +27,7 @@ from typing import Any, Callable
 from sqlalchemy import select, update
 
 from engine.models import Node
+from engine.nodes import short_id
 from engine.node.result import BatchFailure, BatchReport, FailureKind, describe, plain_text
 from engine.settings import Settings
 from engine.status import NodeHealth
@@ -42,11 +43,6 @@ _FAILURES_BEFORE_QUARANTINE = 2
 _NODE_ID = re.compile(r"\b[Nn]ode(?: ID|_id|Id)?[:= ]+([0-9a-f]{56})\b")
 # After a failure no node answers for, the ready nodes are checked again, at most this often.
 _RECHECK_SECONDS = 30.0
-
-
-def short_id(node_id: str | None) -> str:
-    """How a node id appears in logs and messages."""
-    return (node_id or "?")[:12]
 
 
 @dataclass

@@ -99,6 +99,11 @@ def _generation(session, name: str) -> int:
     return key.generation
 
 
+def short_id(node_id: str | None) -> str:
+    """How a node id appears in logs and messages: its first 12 hex digits."""
+    return (node_id or "?")[:12]
+
+
 # -- the join command --------------------------------------------------------------------
 
 
@@ -287,7 +292,7 @@ def sync_registry(store: Store, settings: Settings, ray_nodes: list[dict], *,
         for node in known.values():
             if node.node_id not in seen and node.online:
                 node.online = False
-                logger.info("node %s: gone from the cluster", node.node_id[:12])
+                logger.info("node %s: gone from the cluster", short_id(node.node_id))
     if refresh_credit:
         credit.refresh(store)
 
@@ -297,14 +302,14 @@ def _claim(node: Node, owner: str | None, now: float) -> None:
         return  # a voided node stays unclaimed until it re-joins (as a new node)
     if owner is not None and node.volunteer in (None, owner):
         if not node.claimed:
-            logger.info("node %s: claimed by volunteer %s", node.node_id[:12], owner)
+            logger.info("node %s: claimed by volunteer %s", short_id(node.node_id), owner)
         node.role, node.volunteer, node.claimed = VOLUNTEER, owner, True
     elif node.volunteer is not None:
         # It verified once and no longer does: the signature was rotated or the account
         # disabled. Earlier tasks keep their credit; later ones earn nothing.
         node.claimed, node.revoked_at = False, now
         logger.warning("node %s: the signature of %s no longer verifies; it stops earning",
-                       node.node_id[:12], node.volunteer)
+                       short_id(node.node_id), node.volunteer)
     else:
         if node.role != UNCLAIMED:
             node.role = UNCLAIMED
@@ -360,7 +365,7 @@ def set_trusted(store: Store, node_id: str, trusted: bool, actor: User | None | 
         if node.role == HEAD:
             raise InvalidRequest("the head is always trusted")
         node.trusted = trusted
-        logger.info("node %s: %s by an admin", node.node_id[:12],
+        logger.info("node %s: %s by an admin", short_id(node.node_id),
                     "trusted" if trusted else "no longer trusted")
 
 

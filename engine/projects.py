@@ -24,6 +24,7 @@ from engine.nodes import HEAD, UNCLAIMED
 from engine.script import Script, check_script
 from engine.settings import Settings
 from engine.status import NodeHealth, ProjectStatus, rerun_failed, transition_project
+from engine.verification import MAX_REPLICATION, SPARE_REPLICAS, Comparison
 from engine.store import Store
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def submit_project(store: Store, settings: Settings, actor: User, *, title: str,
                    script_name: str, script_bytes: bytes, dataset_name: str,
                    dataset_bytes: bytes, description: str = "", batch_size: int | None = None,
                    row_timeout: float | None = None, replication: int | None = None,
-                   comparison: str = "exact", tolerance: float = 1e-9,
+                   comparison: str = Comparison.EXACT.value, tolerance: float = 1e-9,
                    max_replicas: int | None = None, memory_limit_mb: int | None = None,
                    output_limit_mb: int | None = None) -> int:
     """Check and store a new project; returns its id. Raises before storing anything if invalid."""
@@ -95,13 +96,13 @@ def submit_project(store: Store, settings: Settings, actor: User, *, title: str,
             raise InvalidRequest(f"the {name} must be between 1 and {maximum} MB "
                                  f"(the administrator's maximum)")
     replication = settings.replication if replication is None else int(replication)
-    if not 1 <= replication <= 10:
-        raise InvalidRequest("replication must be between 1 and 10")
-    max_replicas = replication + 2 if max_replicas is None else int(max_replicas)
+    if not 1 <= replication <= MAX_REPLICATION:
+        raise InvalidRequest(f"replication must be between 1 and {MAX_REPLICATION}")
+    max_replicas = replication + SPARE_REPLICAS if max_replicas is None else int(max_replicas)
     if max_replicas < replication:
         raise InvalidRequest("max_replicas cannot be below replication")
-    if comparison not in ("exact", "numeric"):
-        raise InvalidRequest("comparison must be 'exact' or 'numeric'")
+    if comparison not in {c.value for c in Comparison}:
+        raise InvalidRequest(f"comparison must be {' or '.join(repr(c.value) for c in Comparison)}")
     if not 0 <= float(tolerance) < 1:
         raise InvalidRequest("tolerance must be a relative tolerance between 0 and 1")
     title = one_line(title or script_name)[:200] or one_line(script_name)[:200]

@@ -42,6 +42,10 @@ from engine.node.result import RowResult
 from engine.status import Verification  # noqa: F401 (long imported from here)
 
 TRUST_STREAK = 10
+# How many volunteers may be asked to agree on a row, and how many replicas beyond the
+# quorum a project may spend by default before a row ends inconclusive.
+MAX_REPLICATION = 10
+SPARE_REPLICAS = 2
 
 
 class Comparison(str, enum.Enum):

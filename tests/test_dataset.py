@@ -19,8 +19,8 @@ def test_shakespeare_passages_load():
     dataset = parse("shakespeare_passages.csv", (SHARED_DATA / "shakespeare_passages.csv").read_bytes())
     assert len(dataset.rows) == 2231
     assert dataset.columns == ["document_id", "text"]
-    assert dataset.row_dict(0)["document_id"] == "doc_0"
-    assert "\n" in dataset.row_dict(0)["text"]  # quoted multi-line cells survive
+    assert dataset.rows[0][0] == "doc_0"
+    assert "\n" in dataset.rows[0][1]  # quoted multi-line cells survive
 
 
 def test_csv_values_are_plain_python_types_and_empty_cells_none():
