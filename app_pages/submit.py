@@ -7,6 +7,7 @@ from engine import Role, projects, submit_project
 from engine.dataset import parse_dataset
 from engine.script import check_script
 from engine.trial import TRIAL_ROWS
+from engine.verification import MAX_REPLICATION, Comparison
 from portal import auth, errors, panels, state, trials, widgets
 
 user = auth.require(Role.RESEARCHER)
@@ -33,14 +34,14 @@ with st.expander("Advanced settings"):
                                   max_value=float(settings.max_row_timeout),
                                   value=float(settings.row_timeout), step=10.0, key="row_timeout")
     replication = st.number_input(
-        "Replication (volunteers who must agree on each row)", min_value=1, max_value=10,
+        "Replication (volunteers who must agree on each row)", min_value=1, max_value=MAX_REPLICATION,
         value=settings.replication, step=1, key="replication",
         help="Each row runs on this many different volunteers' machines and is verified when "
              "their outputs agree. 1 turns verification off.")
-    comparison = st.radio("Outputs agree when they are", ("exact", "numeric"), key="comparison",
+    comparison = st.radio("Outputs agree when they are", [c.value for c in Comparison], key="comparison",
                           horizontal=True, captions=("identical", "numbers within a relative tolerance"))
     tolerance = st.number_input("Relative tolerance", min_value=0.0, max_value=0.99, value=1e-9,
-                                format="%g", key="tolerance", disabled=comparison != "numeric")
+                                format="%g", key="tolerance", disabled=comparison != Comparison.NUMERIC)
 
 if dataset is not None:
     st.subheader(f"Preview: {len(dataset):,} rows, {len(dataset.columns)} columns")

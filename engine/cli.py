@@ -20,6 +20,7 @@ from engine.errors import ConstellationError
 from engine.models import Project
 from engine.settings import Settings
 from engine.status import ProjectStatus
+from engine.verification import Comparison
 from engine.store import Store
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--row-timeout", type=float)
     submit.add_argument("--replication", type=int,
                         help="volunteers that must agree on each row (default: the setting, 2)")
-    submit.add_argument("--comparison", choices=("exact", "numeric"), default="exact")
+    submit.add_argument("--comparison", choices=[c.value for c in Comparison],
+                        default=Comparison.EXACT.value)
     submit.add_argument("--memory-limit-mb", type=int, help="address space per row's process")
     submit.add_argument("--output-limit-mb", type=int, help="largest output of one row")
     submit.add_argument("--tolerance", type=float, default=1e-9,
