@@ -40,7 +40,7 @@ from sqlalchemy import delete, func, insert, select, text
 
 from engine.errors import InvalidRequest
 from engine.models import CreditRollup, Project, ProjectCredit
-from engine.nodes import HEAD
+from engine.parties import HEAD
 from engine.status import ProjectStatus
 from engine.store import Store
 

@@ -29,11 +29,12 @@ from datetime import datetime, timezone
 
 from sqlalchemy import select, update
 
-from engine import cluster, confinement
+from engine import cluster, confinement, credit
 from engine.accounts import Role, is_admin, require_may_join, require_role
 from engine.errors import InvalidRequest, NotFound
 from engine.keys import data_secret
 from engine.models import Node, User, VolunteerKey
+from engine.parties import HEAD, TRUSTED_PARTY, UNCLAIMED, VOLUNTEER  # noqa: F401 (re-exported)
 from engine.settings import Settings
 from engine.store import Store
 
@@ -43,13 +44,6 @@ VOLUNTEER_LABEL = "constellation-volunteer"
 SIGNATURE_LABEL = "constellation-signature"
 ROLE_LABEL = "constellation-role"          # "head" on the head (engine.cluster.LocalHead)
 NODE_ID_LABEL = "ray.io/node-id"           # set by Ray on every node
-
-HEAD = "head"
-VOLUNTEER = "volunteer"
-UNCLAIMED = "unclaimed"
-# Who answers for results of the head and of nodes an admin trusts (the operator's own
-# machines): one party, stored as "head" in the replicas table.
-TRUSTED_PARTY = HEAD
 
 # Ray label values are at most 63 characters, alphanumeric at both ends. 40 hex digits
 # (160 bits) of the HMAC fit beside the generation number.
@@ -245,8 +239,6 @@ def sync_registry(store: Store, settings: Settings, ray_nodes: list[dict], *,
     """
     import ray
 
-    from engine import credit
-
     now = time.time()
     seen: set[str] = set()
     with store.session() as session:
@@ -429,8 +421,6 @@ def list_nodes(store: Store, actor: User | None | str = OPERATOR) -> list[NodeVi
     """Nodes in the registry: all of them for an admin or the operator, only their own for a
     volunteer. Online first, then most recently seen. Anyone else, anonymous (``None``)
     included, is refused."""
-    from engine import credit
-
     with store.session() as session:
         query = select(Node).order_by(Node.online.desc(), Node.last_seen.desc(), Node.node_id)
         if actor != OPERATOR:
