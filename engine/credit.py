@@ -16,7 +16,8 @@ even when the median rounds below it.
 
 Reading a million tasks for every leaderboard view would be far too slow, so two small
 tables are derived from ``tasks`` and ``replicas`` by ``refresh`` (the dispatcher calls it
-through ``nodes.sync_registry`` every few seconds; the CLI calls it before printing):
+on a thread of its own every few seconds, beside its registry sync; the CLI calls it
+before printing):
 
 - ``credit_rollup``: per project, node and hour, the tasks a node completed, the ones it
   earns for, their CPU seconds and its last finish time;
