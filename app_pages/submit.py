@@ -72,7 +72,8 @@ if trial.script_error:
     st.stop()
 panels.trial_table(trial)
 where = projects.outlook(store, settings, int(replication))
-panels.run_estimate(projects.estimate([r.seconds for r in trial.rows], len(dataset), where),
+panels.run_estimate(projects.estimate([r.seconds for r in trial.rows], len(dataset), where,
+                                     projects.startup_seconds(store)),
                     where, int(replication))
 panels.waits_for(where)
 

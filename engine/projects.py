@@ -318,15 +318,46 @@ class Estimate:
     rows: int
     runs_per_row: int
     cpus: float
+    # Measured on this cluster: the median time recent projects took from their start to the
+    # first results of their first rows (Ray's workers, sandboxes, code shipped); None when
+    # no project has run yet.
+    startup_seconds: float | None = None
+    startup_projects: int = 0
 
 
-def estimate(trial_seconds: list[float], rows: int, where: Outlook) -> Estimate | None:
+# How many recent projects the start-up time is measured over, and which of their rows.
+_STARTUP_PROJECTS = 20
+_STARTUP_ROWS = 100
+
+
+def estimate(trial_seconds: list[float], rows: int, where: Outlook,
+             startup: tuple[float, int] | None = None) -> Estimate | None:
     """The run time of ``rows`` rows from the trial's row times. The first row also started
-    the sandbox, so it is left out when there are others."""
+    the sandbox, so it is left out when there are others. ``startup`` is
+    ``startup_seconds()``'s measurement, if any."""
     measured = trial_seconds[1:] or trial_seconds
     if not measured:
         return None
     per_row = statistics.median(measured)
     cpus = max(1.0, where.cpus)
+    seconds, projects = startup if startup is not None else (None, 0)
     return Estimate(seconds=per_row * rows * where.runs_per_row / cpus, seconds_per_row=per_row,
-                    rows=rows, runs_per_row=where.runs_per_row, cpus=cpus)
+                    rows=rows, runs_per_row=where.runs_per_row, cpus=cpus,
+                    startup_seconds=seconds, startup_projects=projects)
+
+
+def startup_seconds(store: Store) -> tuple[float, int] | None:
+    """(median seconds, projects): how long recent projects took from their start to the
+    first stored result among their first rows, or None when none has one. Reads only the
+    first rows of each (by primary key), so a million-row project costs what a small one does."""
+    with store.session() as session:
+        started = session.execute(
+            select(Project.id, Project.started_at).where(Project.started_at.is_not(None))
+            .order_by(Project.id.desc()).limit(_STARTUP_PROJECTS)).all()
+        waits = []
+        for project_id, started_at in started:
+            first = session.execute(select(func.min(Task.finished_at)).where(
+                Task.project_id == project_id, Task.row_index < _STARTUP_ROWS)).scalar()
+            if first is not None and first >= started_at:
+                waits.append(first - started_at)
+    return (statistics.median(waits), len(waits)) if waits else None

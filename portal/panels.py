@@ -226,8 +226,14 @@ def run_estimate(guess: Estimate | None, where: Outlook, replication: int) -> No
             f"It assumes {guess.seconds_per_row * 1000:.1f} ms per row (the median of the trial's "
             f"rows after the first, which also started the sandbox), {guess.rows:,} rows each "
             f"run {runs}, spread over {cpus}. That is the computing alone: starting Ray's "
-            f"workers and the sandboxes, and checking nodes that have just joined, add several "
-            f"seconds, so a short project takes noticeably longer.", icon=":material/timer:")
+            f"workers and the sandboxes, and checking nodes that have just joined, add to it"
+            + (f" (the last {guess.startup_projects} project"
+               f"{'s' if guess.startup_projects > 1 else ''} here took a median of "
+               f"{duration(guess.startup_seconds)} from their start to their first results), "
+               f"so expect about {duration(guess.seconds + guess.startup_seconds)} in all."
+               if guess.startup_seconds is not None else
+               " several seconds, so a short project takes noticeably longer."),
+            icon=":material/timer:")
 
 
 def waits_for(where: Outlook) -> None:
