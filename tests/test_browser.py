@@ -137,7 +137,10 @@ def outside_requests(page, stack) -> list[str]:
 
 
 def sign_in_here(main, name: str, password: str = "a long password") -> None:
-    """Fill the sign-in form on the page (the Sign in page, or a page refused to visitors)."""
+    """Fill the sign-in form on the page (the Sign in page, or a page refused to visitors),
+    once the app has settled: a click during the cookie component's rerun is lost (CI lost
+    one: the form stayed filled, nobody signed in)."""
+    settled(main.page)
     field(main, "User name").fill(name)
     field(main, "Password").fill(password)
     main.get_by_role("button", name="Sign in").click()
