@@ -19,7 +19,7 @@ out the server itself: its websocket, its sessions and the fragment timer.
 
 Throughput is the rows/s of 3 concurrent projects of a CPU-bound script (2 ms a row),
 from the store (first start to last finish). Phases without and with viewers alternate
-(without, with, without, with, without), and each phase with viewers is compared with
+(without, with, without), and each phase with viewers is compared with
 the mean of its neighbours, so that drift in the shared machine's other load cancels
 out; between phases with viewers the sessions stay signed in but idle. The issue's
 bound (less than 30% slower) is printed, not asserted, because this machine is shared.
@@ -55,6 +55,7 @@ ROWS = 2000                        # per project: about 8 s for the three on 2 i
 PAGE_ROWS = 100                    # the Results page's default page size
 REFRESH_SECONDS = 2.0              # how often a Results viewer reruns its page
 PHASE_TIMEOUT = 150.0
+PHASES = (False, True, False)      # viewers on? (without, with, without)
 ARTIFACTS = ROOT / "test-artifacts"
 
 
@@ -297,8 +298,10 @@ def test_twenty_viewers_while_three_projects_run(stack):
                 else:
                     tasks.create_task(watch_results(
                         session, lambda owner=owner_of[i]: newest[owner], checked[i], viewers))
-            # Alternate, so that drift in the shared machine's other load cancels out.
-            for with_viewers in (False, True, False, True, False):
+            # Alternate, so that drift in the shared machine's other load cancels out. One
+            # loaded phase between two quiet ones: the ratio is printed, not asserted, and two
+            # more phases cost the suite about 50 s.
+            for with_viewers in PHASES:
                 await run_phase(with_viewers)
             viewers.over = True
             viewers.on.set()
