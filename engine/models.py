@@ -7,10 +7,10 @@ Schema changes bump ``SCHEMA_VERSION`` (kept in the ``meta`` table), and
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 class Base(DeclarativeBase):
@@ -56,7 +56,8 @@ class Project(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     title: Mapped[str] = mapped_column(String(200))
     description: Mapped[str] = mapped_column(Text, default="")
-    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    # Indexed for the owner's storage quota, summed over their projects on every batch.
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
     # The upload's file name, shown to people only; nothing is stored under it.
     script_name: Mapped[str] = mapped_column(String(255))
@@ -86,6 +87,10 @@ class Project(Base):
     rows_inconclusive: Mapped[int] = mapped_column(Integer, default=0)
     rows_trusted: Mapped[int] = mapped_column(Integer, default=0)  # accepted from a trusted node alone
     executions: Mapped[int] = mapped_column(Integer, default=0)
+    # UTF-8 bytes of the result text stored for the project (outputs, errors and tracebacks
+    # of its tasks, replicas and earlier attempts), kept by engine.status as results arrive:
+    # the storage quotas (project_storage_mb, user_storage_mb) are checked against it.
+    stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     # What the dispatcher wants the researcher to know, e.g. "waiting for 1 more volunteer".
     notice: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)

@@ -52,7 +52,8 @@ from engine.node.result import BatchFailure, BatchReport, FailureKind, RowResult
 from engine.node.sandbox import Limits
 from engine.replication import ReplicaTracker
 from engine.settings import Settings
-from engine.status import NODE_FAILURE, ProjectStatus, record_results, transition_project
+from engine.status import (NODE_FAILURE, ProjectStatus, StorageQuota, admit_results,
+                           record_results, transition_project)
 from engine.store import Store
 from engine.verification import Comparison
 
@@ -127,6 +128,7 @@ class Dispatcher:
     def __init__(self, store: Store, settings: Settings):
         self.store = store
         self.settings = settings
+        self.quota = StorageQuota.from_settings(settings)
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._runs: dict[int, _Run] = {}
         self._owner_cycle: deque[int] = deque()
@@ -672,6 +674,8 @@ class Dispatcher:
             run.replicas.requeue(batch.exclude_parties, rows)
             return
         with self.store.session() as session:
+            if not admit_results(session, run.project_id, results, self.quota, party=party):
+                return  # the project failed on its storage quota; _refresh stops its batches
             decided = replication.settle(session, run.replicas, run.project_id,
                                          run.script_sha256, party, node_id, results,
                                          self._parties_online())
@@ -767,8 +771,11 @@ class Dispatcher:
     def _store(self, run: _Run, results: list[RowResult], node_id: str | None) -> None:
         try:
             with self.store.session() as session:
+                # A project that goes over its storage quota fails here, as on the
+                # systematic-failure stop, and _refresh stops its batches.
                 record_results(session, run.project_id, results, node_id,
-                               systematic_rows=self.settings.systematic_failure_rows)
+                               systematic_rows=self.settings.systematic_failure_rows,
+                               quota=self.quota)
         except SQLAlchemyError as exc:
             # Keep the results and write them again later; the project cannot complete
             # meanwhile, because completion is decided in the same transaction.

@@ -120,6 +120,17 @@ class Settings:
         8192, "Admin maximum of a project's memory limit, in MB.")
     max_output_limit_mb: int = _setting(
         100, "Admin maximum of a project's per-row output limit, in MB.")
+    project_storage_mb: int = _setting(
+        256, "Most MB of results one project may store: its rows' outputs, errors and "
+             "tracebacks, every replica and earlier attempt included. A batch of results "
+             "that would take it further fails the project with this setting's name; what "
+             "is stored stays. 256 MB holds a million rows of 100-byte outputs kept twice "
+             "(a replica and the accepted result), and stops a script that returns "
+             "megabytes per row after a few dozen rows. 0: no limit.")
+    user_storage_mb: int = _setting(
+        1024, "Most MB of results all projects of one owner may store together (counted as "
+              "for project_storage_mb): four full projects, so that one researcher cannot fill "
+              "the disk of a single-machine install with many projects. 0: no limit.")
     allow_unsandboxed: bool = _setting(
         False, "Whether a node where the sandbox does not work may run research code anyway (unsafe).")
     max_batch_attempts: int = _setting(

@@ -16,6 +16,8 @@ import enum
 import logging
 import re
 import time
+from dataclasses import dataclass
+from operator import itemgetter
 from typing import Sequence
 
 from sqlalchemy import text, update
@@ -151,23 +153,61 @@ def _without_nul(session: Session, rows: list[tuple]) -> list[tuple]:
             if any(v.__class__ is str and "\x00" in v for v in row) else row for row in rows]
 
 
+_MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class StorageQuota:
+    """The most bytes of result text one project, and all projects of one owner together,
+    may store (the ``project_storage_mb`` and ``user_storage_mb`` settings); 0: no limit."""
+
+    project_bytes: int = 0
+    user_bytes: int = 0
+
+    @classmethod
+    def from_settings(cls, settings) -> "StorageQuota":
+        return cls(settings.project_storage_mb * _MB, settings.user_storage_mb * _MB)
+
+
+def result_bytes(results: Sequence[RowResult]) -> int:
+    """UTF-8 bytes of the outputs, errors and tracebacks of ``results``: what storing them
+    adds to a project's ``stored_bytes``. Counted at C speed (len, isascii) on the hot path;
+    only non-ASCII text is encoded to count it."""
+    size = 0
+    for field in (2, 3, 4):
+        texts = list(filter(None, map(itemgetter(field), results)))
+        size += sum(map(len, texts))
+        if not all(map(str.isascii, texts)):
+            size += sum(len(t.encode("utf-8", "surrogatepass")) - len(t)
+                        for t in texts if not t.isascii())
+    return size
+
+
 def record_results(session: Session, project_id: int, results: Sequence[RowResult],
                    node_id: str | None, *, systematic_rows: int = 0,
-                   verification: str = "unverified") -> tuple[int, int]:
+                   verification: str = "unverified",
+                   quota: StorageQuota | None = None) -> tuple[int, int]:
     """Store row outcomes, bump the project's counters, and complete it when every row is in.
 
     A row that already has a result keeps it (a retried or duplicated batch cannot count a
     row twice). Results for a project that is no longer running are not stored. When the
     first ``systematic_rows`` completed rows all raised the same exception type, the
-    project stops as failed (a broken script should not run over a million rows).
+    project stops as failed (a broken script should not run over a million rows). When
+    storing the results would take the project or its owner over ``quota``, the project
+    fails instead and none of them is stored (see ``admit_results``).
     Returns (succeeded, failed) counts actually stored.
     """
-    status = session.execute(
-        text("SELECT status FROM projects WHERE id = :p"), {"p": project_id}).scalar_one_or_none()
-    if status != ProjectStatus.RUNNING.value:
+    project = session.execute(
+        text("SELECT status, owner_id, stored_bytes FROM projects WHERE id = :p"),
+        {"p": project_id}).one_or_none()
+    if project is None or project.status != ProjectStatus.RUNNING.value:
         return (0, 0)
+    size = result_bytes(results)
+    if quota is not None and not _admit(session, project_id, project, results, size, quota):
+        return (0, 0)
+    now = time.time()
     succeeded, failed = _insert_tasks(session, project_id, [(r, node_id) for r in results],
-                                      verification)
+                                      verification, now)
     if succeeded or failed:
         verified = succeeded + failed if verification in _ACCEPTED else 0
         session.execute(
@@ -177,6 +217,8 @@ def record_results(session: Session, project_id: int, results: Sequence[RowResul
                 rows_verified=Project.rows_verified + verified,
                 rows_inconclusive=Project.rows_inconclusive + (
                     succeeded + failed if verification == "inconclusive" else 0),
+                stored_bytes=Project.stored_bytes + _added_bytes(
+                    session, "tasks", project_id, results, succeeded + failed, size, now),
             )
         )
     total, ok, bad = session.execute(
@@ -197,9 +239,8 @@ _NODE_ID = re.compile(r"[0-9a-fA-F]{1,64}")
 
 
 def _insert_tasks(session: Session, project_id: int, rows: Sequence[tuple[RowResult, str | None]],
-                  verification: str) -> tuple[int, int]:
+                  verification: str, now: float) -> tuple[int, int]:
     """Insert outcomes that have no result yet; returns (succeeded, failed) actually inserted."""
-    now = time.time()
     nodes = {node for _, node in rows}
     if len(nodes) == 1 and verification in _VERIFICATIONS:
         node = nodes.pop()
@@ -273,7 +314,16 @@ def _insert_columns(session: Session, project_id: int, node_literal: str, now: f
 
 def record_replicas(session: Session, project_id: int, party: str, node_id: str,
                     results: Sequence[RowResult]) -> int:
-    """Keep one volunteer's results for rows of a replicated project; returns how many were new."""
+    """Keep one volunteer's results for rows of a replicated project; returns how many were new.
+
+    Nothing is kept for a project that has ended (cancelled, or failed on its storage
+    quota while these were running). The dispatcher checks the quota first, in the same
+    transaction (``admit_results``).
+    """
+    status = session.execute(
+        text("SELECT status FROM projects WHERE id = :p"), {"p": project_id}).scalar_one_or_none()
+    if status is None or ProjectStatus(status).is_terminal():
+        return 0
     now = time.time()
     rows = [(project_id, r[0], party, node_id,
              TaskStatus.SUCCEEDED.value if r[1] else TaskStatus.FAILED.value,
@@ -284,8 +334,99 @@ def record_replicas(session: Session, project_id: int, party: str, node_id: str,
                                                   _without_nul(session, rows))
     added = max(cursor.rowcount, 0)
     session.execute(update(Project).where(Project.id == project_id).values(
-        executions=Project.executions + added))
+        executions=Project.executions + added,
+        stored_bytes=Project.stored_bytes + _added_bytes(
+            session, "replicas", project_id, results, added, result_bytes(results), now, party)))
     return added
+
+
+def admit_results(session: Session, project_id: int, results: Sequence[RowResult],
+                  quota: StorageQuota, *, party: str | None = None) -> bool:
+    """Whether storing ``results`` keeps the project and its owner within ``quota``.
+
+    If not, the project fails with an error that names the quota, the size reached and
+    the setting, and the caller stores none of them: the results stored before stay, and
+    nothing is half-stored. With ``party`` they are that volunteer's replicas, and room is
+    kept for each to become its row's accepted result as well (``decide_rows`` copies it),
+    so that a replicated project does not go over its quota either. Rows already stored
+    (a batch that ran twice) add nothing.
+    """
+    project = session.execute(
+        text("SELECT status, owner_id, stored_bytes FROM projects WHERE id = :p"),
+        {"p": project_id}).one_or_none()
+    if project is None or project.status != ProjectStatus.RUNNING.value:
+        return True  # nothing will be stored, so there is nothing to refuse
+    return _admit(session, project_id, project, results, result_bytes(results), quota, party)
+
+
+def _admit(session: Session, project_id: int, project, results: Sequence[RowResult], size: int,
+           quota: StorageQuota, party: str | None = None) -> bool:
+    copies = 1 if party is None else 2
+    error = _over_quota(session, project_id, project, copies * size, quota)
+    if error is None:
+        return True
+    # Only rows without a stored result add bytes; looked up at the quota's edge only.
+    fresh = _new_rows(session, project_id, results, party)
+    if len(fresh) < len(results):
+        error = _over_quota(session, project_id, project, copies * result_bytes(fresh), quota)
+        if error is None:
+            return True
+    if transition_project(session, project_id, ProjectStatus.FAILED, error=error):
+        logger.warning("project %s: %s", project_id, error)
+    return False
+
+
+def _over_quota(session: Session, project_id: int, project, size: int,
+                quota: StorageQuota) -> str | None:
+    """The error of a project whose next ``size`` bytes would go over ``quota``, or None."""
+    kept = ("the results stored so far are kept, and rows without one will not run. "
+            "Return smaller outputs, or ask an admin to raise")
+    if quota.project_bytes and project.stored_bytes + size > quota.project_bytes:
+        return (f"stopped: project {project_id} has stored {project.stored_bytes / _MB:.1f} MB "
+                f"of results, and its next batch would take it to "
+                f"{(project.stored_bytes + size) / _MB:.1f} MB, over its storage quota "
+                f"(project_storage_mb = {quota.project_bytes // _MB}); {kept} project_storage_mb")
+    if quota.user_bytes:
+        owned, owner = session.execute(
+            text("SELECT COALESCE(SUM(stored_bytes), 0), (SELECT name FROM users WHERE id = :o) "
+                 "FROM projects WHERE owner_id = :o"), {"o": project.owner_id}).one()
+        owned = int(owned)  # PostgreSQL's SUM of a BIGINT is a NUMERIC
+        if owned + size > quota.user_bytes:
+            return (f"stopped: the projects of {owner} have stored {owned / _MB:.1f} MB of "
+                    f"results together, and project {project_id}'s next batch would take them "
+                    f"to {(owned + size) / _MB:.1f} MB, over the owner's storage quota "
+                    f"(user_storage_mb = {quota.user_bytes // _MB}); {kept} user_storage_mb")
+    return None
+
+
+def _new_rows(session: Session, project_id: int, results: Sequence[RowResult],
+              party: str | None) -> list[RowResult]:
+    if not results:
+        return []
+    table, where = ("tasks", "") if party is None else ("replicas", " AND party = :party")
+    stored = set(session.execute(
+        text(f"SELECT row_index FROM {table} WHERE project_id = :p{where} "
+             "AND row_index BETWEEN :lo AND :hi"),
+        {"p": project_id, "party": party, "lo": min(r[0] for r in results),
+         "hi": max(r[0] for r in results)}).scalars())
+    return [r for r in results if r[0] not in stored]
+
+
+def _added_bytes(session: Session, table: str, project_id: int, results: Sequence[RowResult],
+                 inserted: int, size: int, now: float, party: str | None = None) -> int:
+    """The bytes of the results that went in: all of them (``size``), none, or those a
+    retried batch did not have stored yet (the rows written at ``now``)."""
+    if inserted >= len(results):
+        return size
+    if not inserted:
+        return 0
+    where = "" if party is None else " AND party = :party"
+    written = set(session.execute(
+        text(f"SELECT row_index FROM {table} WHERE project_id = :p AND finished_at = :now{where} "
+             "AND row_index BETWEEN :lo AND :hi"),
+        {"p": project_id, "now": now, "party": party, "lo": min(r[0] for r in results),
+         "hi": max(r[0] for r in results)}).scalars())
+    return result_bytes([r for r in results if r[0] in written])
 
 
 def decide_rows(session: Session, project_id: int,
@@ -302,11 +443,16 @@ def decide_rows(session: Session, project_id: int,
         text("SELECT status FROM projects WHERE id = :p"), {"p": project_id}).scalar_one_or_none()
     if status != ProjectStatus.RUNNING.value:
         return
-    succeeded = failed = verified = inconclusive = trusted = 0
+    succeeded = failed = verified = inconclusive = trusted = stored = 0
     for verification in {item[2] for item in decided}:
         group = [(result, node) for result, node, v, _, _ in decided if v == verification]
-        ok, bad = _insert_tasks(session, project_id, group, verification)
+        now = time.time()
+        ok, bad = _insert_tasks(session, project_id, group, verification, now)
         succeeded, failed = succeeded + ok, failed + bad
+        # Counted, never refused: admitting the replicas kept room for these copies.
+        kept = [result for result, _ in group]
+        stored += _added_bytes(session, "tasks", project_id, kept, ok + bad,
+                               result_bytes(kept), now)
         if verification == Verification.INCONCLUSIVE.value:
             inconclusive += ok + bad
         else:
@@ -324,7 +470,8 @@ def decide_rows(session: Session, project_id: int,
         rows_failed=Project.rows_failed + failed,
         rows_verified=Project.rows_verified + verified,
         rows_inconclusive=Project.rows_inconclusive + inconclusive,
-        rows_trusted=Project.rows_trusted + trusted))
+        rows_trusted=Project.rows_trusted + trusted,
+        stored_bytes=Project.stored_bytes + stored))
     total, ok_rows, bad_rows = session.execute(
         text("SELECT rows_total, rows_succeeded, rows_failed FROM projects WHERE id = :p"),
         {"p": project_id}).one()

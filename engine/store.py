@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from engine.errors import InvalidRequest
-from engine.models import SCHEMA_VERSION, Base, DispatcherLease, Meta, Task
+from engine.models import SCHEMA_VERSION, Base, DispatcherLease, Meta, Project, Task
 from engine.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -211,8 +211,37 @@ def _volunteer_approval(session: Session) -> None:
     session.execute(text("UPDATE users SET volunteer_approved = TRUE WHERE roles LIKE '%volunteer%'"))
 
 
+def _stored_bytes(session: Session) -> None:
+    """Version 6: projects count the bytes of result text they store, and are indexed by
+    owner (the storage quotas).
+
+    Existing projects get what they hold now, so that a project or an owner already past
+    a quota stops at its next batch rather than being counted from zero. This reads every
+    stored result once, so the upgrade takes time in proportion to the database's size."""
+    existing = {c["name"] for c in inspect(session.connection()).get_columns("projects")}
+    if "stored_bytes" not in existing:
+        session.execute(text("ALTER TABLE projects ADD COLUMN stored_bytes "
+                             "BIGINT NOT NULL DEFAULT 0"))
+    # Bytes, as the quota counts them: SQLite's length() counts characters of text, and a
+    # blob's length is its bytes (SQLite 3.40 has no octet_length).
+    postgresql = session.get_bind().dialect.name == "postgresql"
+
+    def size(column: str) -> str:
+        return f"COALESCE(octet_length({column}), 0)" if postgresql \
+            else f"COALESCE(length(CAST({column} AS BLOB)), 0)"
+
+    text_size = " + ".join(size(c) for c in ("output", "error", "traceback"))
+    held = " + ".join(
+        f"(SELECT COALESCE(SUM({text_size}), 0) FROM {table} WHERE {table}.project_id = projects.id)"
+        for table in ("tasks", "replicas", "task_history"))
+    session.execute(text(f"UPDATE projects SET stored_bytes = {held}"))
+    for index in Project.__table__.indexes:
+        if index.name == "ix_projects_owner_id":
+            index.create(session.connection(), checkfirst=True)
+
+
 _MIGRATIONS = {2: _index_failed_rows_only, 3: _node_health, 4: _account_sessions,
-               5: _volunteer_approval}
+               5: _volunteer_approval, 6: _stored_bytes}
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
