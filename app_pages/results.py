@@ -7,7 +7,7 @@ import streamlit as st
 from engine import Role, export_results, list_projects, project_status
 from engine.errors import NotFound
 from engine.projects import one_line
-from engine.results import error_groups, failed_page, results_page
+from engine.results import error_groups, failed_page, full_output, results_page
 from portal import auth, errors, panels, state, tables, widgets
 
 user = auth.require(Role.RESEARCHER)
@@ -46,14 +46,19 @@ page_size = controls[2].selectbox("Rows per page", (50, 100, 500), index=1, key=
 rows = view.rows_failed if failed_only else view.rows_total
 pages = max(1, -(-rows // page_size))
 what = "failed rows" if failed_only else "rows"
+pager = f"page_{project_id}_{page_size}_{'failed' if failed_only else 'all'}"
 number = controls[3].number_input(f"Page (of {pages:,}: {rows:,} {what})", min_value=1,
-                                  max_value=pages, value=1, step=1,
-                                  key=f"page_{project_id}_{page_size}_{'failed' if failed_only else 'all'}")
+                                  max_value=pages, value=1, step=1, key=pager)
+# Large outputs can end a page early: it is then shown in parts (tables.page_parts).
+offset = tables.page_offset(pager, number)
 with errors.shown():
-    start = (number - 1) * page_size
-    page = failed_page(store, user, project_id, start=start, limit=page_size) if failed_only \
-        else results_page(store, user, project_id, start=start, limit=page_size)
+    first = (number - 1) * page_size
+    start, limit = first + offset, page_size - offset
+    page = failed_page(store, user, project_id, start=start, limit=limit) if failed_only \
+        else results_page(store, user, project_id, start=start, limit=limit)
 tables.results_table(page, show_inputs=show_inputs)
+tables.page_parts(page, pager, number, offset, first)
+tables.whole_outputs(page, project_id, lambda row: full_output(store, user, project_id, row))
 
 st.subheader("Errors by type")
 with errors.shown():

@@ -1,4 +1,5 @@
-"""Tables: the list of projects, a page of results, and the node lists."""
+"""Tables: the list of projects, a page of results (with its parts and downloads of whole
+outputs), and the node lists."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from engine.projects import one_line
+from engine.results import MAX_PAGE_CHARS, MAX_SHOWN_CHARS, PREVIEW_CHARS
 from engine.status import ProjectStatus
 from portal import errors
 from portal.panels import node_machine
@@ -71,7 +73,10 @@ def results_table(page, *, show_inputs: bool = True) -> None:
     records = []
     for r in page.rows:
         record = {"row": r.row, "status": r.status}
-        if expanded is None:
+        if r.truncated:  # never expanded: the text is cut, so it is no JSON value
+            record["output"] = f"{r.output} … [cut short: {_mb(r.output_size)} in all; " \
+                               f"download it below the table]"
+        elif expanded is None:
             record["output"] = None if r.output is None else json.dumps(r.output, ensure_ascii=False)
         else:
             output = r.output if isinstance(r.output, dict) else {}
@@ -92,6 +97,56 @@ def results_table(page, *, show_inputs: bool = True) -> None:
             frame[column] = frame[column].map(lambda v: None if v is None else str(v))
     st.dataframe(frame, hide_index=True,
                  column_config={"error": st.column_config.TextColumn(width="large")})
+
+
+def page_offset(pager: str, number: int) -> int:
+    """How many rows of page ``number`` come before the part shown (``page_parts``)."""
+    part = st.session_state.get(f"{pager}_part")
+    return part[1] if part is not None and part[0] == number else 0
+
+
+def page_parts(page, pager: str, number: int, offset: int, first: int) -> None:
+    """When large outputs ended the page early (``next_start``), say so and offer the rest
+    of it; ``first`` is where the page's rows begin, counted as ``start`` counts them."""
+    if page.next_start is None and not offset:
+        return
+    key = f"{pager}_part"
+    shown = f"{offset + 1:,}-{offset + len(page.rows):,}"
+    st.caption(f"Rows {shown} of this page are shown: their outputs are large, and a page "
+               f"holds at most {MAX_PAGE_CHARS >> 20} MB of them.")
+    left, right = st.columns(2)
+    if offset:
+        left.button("First rows of this page", key=f"{pager}_first", icon=":material/first_page:",
+                    on_click=_show_part, args=(key, None))
+    if page.next_start is not None:
+        right.button("Next rows of this page", key=f"{pager}_next", icon=":material/navigate_next:",
+                     on_click=_show_part, args=(key, (number, page.next_start - first)))
+
+
+def _show_part(key: str, part: tuple[int, int] | None) -> None:
+    st.session_state[key] = part
+
+
+def whole_outputs(page, project_id: int, full_output) -> None:
+    """A download of the whole output of a row whose output the table shows cut short;
+    ``full_output(row)`` reads it (only when the button is clicked)."""
+    sizes = {r.row: r.output_size for r in page.truncated_rows()}
+    if not sizes:
+        return
+    st.caption(f"Outputs longer than {MAX_SHOWN_CHARS >> 20} MB are shown cut to their first "
+               f"{PREVIEW_CHARS:,} characters. Choose a row to download its whole output.")
+    left, right = st.columns([3, 2], vertical_alignment="bottom")
+    row = left.selectbox("Row", list(sizes), key=f"whole_output_{project_id}",
+                         format_func=lambda r: f"row {r} ({_mb(sizes[r])})")
+    # on_click="ignore", as for the project's downloads (see app_pages/results.py).
+    right.download_button("Download its output", data=lambda: full_output(row),
+                          file_name=f"project-{project_id}-row-{row}.json",
+                          mime="application/json", icon=":material/download:",
+                          key="download_output", on_click="ignore")
+
+
+def _mb(characters: int) -> str:
+    return f"{characters / (1 << 20):.1f} MB"
 
 
 def node_rows(registry, *, admin: bool) -> pd.DataFrame:
