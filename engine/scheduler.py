@@ -45,11 +45,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from engine import cluster, credit, drivers, nodes, projects, replication
 from engine.batching import BatchSizer
-from engine.health import NodeHealthBook, ray_failure, short_id
+from engine.health import NodeHealthBook, ray_failure
 from engine.models import DatasetChunk, DispatcherLease, Node, NodeScriptFailure, Project, Task
 from engine.node import entry
 from engine.node.result import BatchFailure, BatchReport, FailureKind, RowResult
 from engine.node.sandbox import Limits
+from engine.nodes import short_id
 from engine.replication import ReplicaTracker
 from engine.settings import Settings
 from engine.status import (NODE_FAILURE, ProjectStatus, StorageQuota, admit_results,
@@ -63,6 +64,9 @@ _REFRESH_SECONDS = 0.25
 _NEW_WORK_SECONDS = 0.03  # how often an idle dispatcher looks for a new submission
 _REGISTRY_SECONDS = 2.0
 _HEAD_LOST_SECONDS = 10.0
+# Once this share of a project's rows is done, its batches still in flight are also sent
+# to idle CPUs: the first copy back wins (a slow or silent node no longer holds the end).
+STRAGGLER_FRACTION = 0.9
 _WAITING = "waiting for "  # how the notice of a project that cannot go on begins
 _UNSANDBOXED = ("warning: some rows ran on a node without a working sandbox "
                 "(allowed by the administrator)")
@@ -487,7 +491,7 @@ class Dispatcher:
             with self.store.session() as session:
                 project = session.get(Project, run.project_id)
                 done = project.rows_succeeded + project.rows_failed
-            if done < 0.9 * run.rows_total:
+            if done < STRAGGLER_FRACTION * run.rows_total:
                 continue
             for batch in sorted(run.inflight.values(), key=lambda b: b.start):
                 if free <= 0:

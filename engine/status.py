@@ -51,6 +51,10 @@ class TaskStatus(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+    def is_terminal(self) -> bool:
+        """Whether the row has its outcome (a re-run of failed rows starts it again)."""
+        return self is not TaskStatus.PENDING
+
 
 class Verification(str, enum.Enum):
     """How a row's stored result was accepted (see ``engine.verification``)."""
@@ -89,16 +93,13 @@ _TERMINAL = frozenset({ProjectStatus.COMPLETE, ProjectStatus.FAILED, ProjectStat
 
 # Which statuses each status may be entered from.
 _ENTERED_FROM: dict[ProjectStatus, frozenset[ProjectStatus]] = {
-    ProjectStatus.SUBMITTED: frozenset(),
+    # Re-opened: a finished project's failed rows run again (rerun_failed).
+    ProjectStatus.SUBMITTED: frozenset({ProjectStatus.COMPLETE, ProjectStatus.FAILED}),
     ProjectStatus.RUNNING: frozenset({ProjectStatus.SUBMITTED}),
     ProjectStatus.COMPLETE: frozenset({ProjectStatus.RUNNING}),
     ProjectStatus.FAILED: frozenset({ProjectStatus.SUBMITTED, ProjectStatus.RUNNING}),
     ProjectStatus.CANCELLED: frozenset({ProjectStatus.SUBMITTED, ProjectStatus.RUNNING}),
 }
-
-
-def can_transition(old: ProjectStatus, new: ProjectStatus) -> bool:
-    return old in _ENTERED_FROM[new]
 
 
 def transition_project(session: Session, project_id: int, new: ProjectStatus, *,
@@ -494,6 +495,11 @@ def _stop_if_systematic(session: Session, project_id: int, rows: int) -> None:
                            traceback=example)
 
 
+# A literal, not a bound parameter: SQLite uses the partial index on failed rows
+# (``failed_tasks``) only when the query repeats its WHERE clause word for word.
+_FAILED_ROW = f"status = '{TaskStatus.FAILED.value}'"
+
+
 def rerun_failed(session: Session, project_id: int) -> int:
     """Start a new attempt of a finished project that re-runs only its failed rows.
 
@@ -502,7 +508,7 @@ def rerun_failed(session: Session, project_id: int) -> int:
     have no result. Returns how many rows will run again.
     """
     project = session.get(Project, project_id)
-    if project.status not in (ProjectStatus.COMPLETE.value, ProjectStatus.FAILED.value):
+    if ProjectStatus(project.status) not in _ENTERED_FROM[ProjectStatus.SUBMITTED]:
         return -1
     attempt = project.attempt
     failed = failed_tasks(session)
@@ -510,10 +516,10 @@ def rerun_failed(session: Session, project_id: int) -> int:
         "INSERT INTO task_history (project_id, row_index, attempt, status, output, error, "
         "traceback, node_id, cpu_seconds, finished_at) "
         "SELECT project_id, row_index, :a, status, output, error, traceback, node_id, "
-        f"cpu_seconds, finished_at FROM {failed} WHERE project_id = :p AND status = 'failed'"),
+        f"cpu_seconds, finished_at FROM {failed} WHERE project_id = :p AND {_FAILED_ROW}"),
         {"p": project_id, "a": attempt})
-    moved = session.execute(text(f"DELETE FROM {failed} WHERE project_id = :p "
-                                 "AND status = 'failed'"), {"p": project_id}).rowcount
+    moved = session.execute(text(f"DELETE FROM {failed} WHERE project_id = :p AND {_FAILED_ROW}"),
+                            {"p": project_id}).rowcount
     changed = session.execute(
         update(Project).where(Project.id == project_id, Project.status == project.status).values(
             status=ProjectStatus.SUBMITTED.value, attempt=attempt + 1,

@@ -156,3 +156,9 @@ def test_csv_cells_of_stored_outputs_are_those_of_decoded_outputs(value):
 def test_unknown_project_is_not_found(store):
     with pytest.raises(NotFound):
         projects.project_status(store, accounts.local_admin(store), 999)
+
+
+def test_a_row_with_an_outcome_is_terminal():
+    from engine.status import TaskStatus
+
+    assert [s for s in TaskStatus if s.is_terminal()] == [TaskStatus.SUCCEEDED, TaskStatus.FAILED]
