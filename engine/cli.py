@@ -1,6 +1,6 @@
 """The command-line interface: ``python -m engine COMMAND``.
 
-Its names, output formats and exit codes are a contract (see the README):
+Its names, output formats and exit codes are a contract (see docs/cli.md):
 0 success, 1 a waited-for project failed or was cancelled, 2 invalid input,
 3 not found, 4 forbidden, 5 cluster unavailable.
 """

@@ -1,4 +1,4 @@
-"""The shape of the code: settings documented, engine independent of the portal."""
+"""The shape of the code: settings documented (docs/configuration.md), engine independent of the portal."""
 
 import ast
 import re
@@ -65,11 +65,33 @@ def test_entry_failure_kinds_match_the_result_shape():
     assert FailureKind(entry.NODE_ERROR) is FailureKind.NODE_ERROR
 
 
-def test_every_setting_is_documented_in_the_readme():
-    readme = (ROOT / "README.md").read_text()
+# The settings table of docs/configuration.md: `| `name` | `ENV` | default | meaning |`.
+_SETTING_ROW = re.compile(r"\| `(\w+)` \| `(\w+)` \| (.+?) \| (.+) \|")
+
+
+def _documented_settings() -> dict[str, tuple[str, str, str]]:
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    rows = [_SETTING_ROW.fullmatch(line.strip()) for line in text.splitlines()]
+    return {row[1]: (row[2], row[3], row[4]) for row in rows if row}
+
+
+def test_every_setting_is_documented_in_the_configuration_page():
+    """docs/configuration.md has one row per setting: its name, its environment variable and
+    its default as the environment would give it ("empty" for an empty value), and a meaning.
+    A row for a setting that no longer exists fails too."""
+    documented = _documented_settings()
     for setting in SETTINGS:
-        assert setting.env in readme, f"{setting.env} is missing from the README"
-        assert re.search(rf"\b{setting.name}\b", readme), f"{setting.name} is missing from the README"
+        assert setting.name in documented, f"{setting.name} is missing from docs/configuration.md"
+        env, default, meaning = documented[setting.name]
+        assert env == setting.env, f"{setting.name}: docs/configuration.md says {env}, not {setting.env}"
+        shown = default.strip()
+        text = "" if shown == "empty" else shown.removeprefix("`").removesuffix("`")
+        assert shown == "empty" or shown == f"`{text}`", f"{setting.name}: default {shown!r} is not `quoted`"
+        assert setting.parse(text) == setting.default, \
+            f"{setting.name}: docs/configuration.md gives the default {shown}, the code {setting.default!r}"
+        assert meaning.strip(), f"{setting.name} has no meaning in docs/configuration.md"
+    stale = set(documented) - {setting.name for setting in SETTINGS}
+    assert not stale, f"docs/configuration.md documents settings that do not exist: {sorted(stale)}"
 
 
 def test_environment_overrides_defaults():
