@@ -37,7 +37,6 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from sqlalchemy import select, update
@@ -52,6 +51,7 @@ from engine.node.result import BatchFailure, BatchReport, FailureKind, RowResult
 from engine.node.sandbox import Limits
 from engine.nodes import short_id
 from engine.replication import ReplicaTracker
+from engine.run import Batch, Run, missing_ranges
 from engine.settings import Settings
 from engine.status import (NODE_FAILURE, ProjectStatus, StorageQuota, admit_results,
                            record_results, transition_project)
@@ -80,61 +80,13 @@ class HeadLost(RuntimeError):
     """The Ray head stopped answering; the driver must go (Ray would kill it in ~60 s)."""
 
 
-@dataclass
-class _Batch:
-    project_id: int
-    start: int
-    end: int
-    attempt: int = 1
-    copy: bool = False  # a speculative duplicate of a straggler at the tail
-    # Replicated projects: an explicit set of rows, kept off the volunteers already used.
-    rows: tuple[int, ...] | None = None
-    exclude_parties: frozenset = frozenset()
-    # Nodes this batch failed on for reasons of the node, and failures no node answered for.
-    failed_on: frozenset = frozenset()
-    unplaced_failures: int = 0
-    last_failure: str = ""
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.start, self.end)
-
-
-@dataclass
-class _Run:
-    """A project this dispatcher is running."""
-
-    project_id: int
-    owner_id: int
-    filename: str
-    columns: list[str]
-    sizer: BatchSizer
-    limits: Limits
-    rows_total: int
-    source_ref: Any
-    todo: deque = field(default_factory=deque)        # (start, end) ranges not yet dispatched
-    inflight: dict = field(default_factory=dict)      # ObjectRef -> _Batch
-    cannot_import: dict = field(default_factory=dict)  # node id -> the script's import error
-    duplicated: set = field(default_factory=set)      # batch keys already copied at the tail
-    finished: set = field(default_factory=set)        # batch keys whose results are stored
-    script_sha256: str = ""
-    replicas: ReplicaTracker | None = None            # None when replication is 1
-    followups: deque = field(default_factory=deque)   # replica batches ready to dispatch
-    notice: str | None = None
-    unsandboxed: bool = False                         # some rows ran without a sandbox
-    held: bool = False                                # rows kept back: no live node may run them
-
-    def remaining(self) -> int:
-        return sum(end - start for start, end in self.todo)
-
-
 class Dispatcher:
     def __init__(self, store: Store, settings: Settings):
         self.store = store
         self.settings = settings
         self.quota = StorageQuota.from_settings(settings)
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._runs: dict[int, _Run] = {}
+        self._runs: dict[int, Run] = {}
         self._owner_cycle: deque[int] = deque()
         self._remote = self._remote_fn = None
         self._max_inflight = 4
@@ -149,7 +101,7 @@ class Dispatcher:
         self._last_registry_sync = 0.0
         self._facts_recorded: set[str] = set()
         self._head_lost_since: float | None = None
-        self._unstored: list[tuple[_Run, list[RowResult], str | None]] = []
+        self._unstored: list[tuple[Run, list[RowResult], str | None]] = []
         self._credit_thread: threading.Thread | None = None
         self._drain: Callable[[str], None] = lambda node_id: None
         self.store_error: str = ""
@@ -346,7 +298,7 @@ class Dispatcher:
         with self.store.session() as session:
             return projects.label_of(node_id, session.get(Node, node_id))
 
-    def _update_notice(self, run: _Run) -> None:
+    def _update_notice(self, run: Run) -> None:
         """What the project is waiting for, if anything: the one place its notice is decided."""
         notice = None
         usable = self._alive_nodes - self._excluded_nodes
@@ -382,8 +334,8 @@ class Dispatcher:
             done = session.execute(
                 select(Task.row_index).where(Task.project_id == project_id).order_by(Task.row_index)
             ).scalars()
-            todo = _missing_ranges(done, project.rows_total)
-            run = _Run(
+            todo = missing_ranges(done, project.rows_total)
+            run = Run(
                 project_id=project_id, owner_id=project.owner_id, filename=project.script_name,
                 columns=json.loads(project.columns_json),
                 sizer=BatchSizer(fixed=project.batch_size or None,
@@ -423,7 +375,7 @@ class Dispatcher:
         logger.info("project %s: dispatching %d rows (%s batches)", project_id, remaining,
                     f"fixed {run.sizer.fixed}-row" if run.sizer.fixed else "adaptive")
 
-    def _recover_replicas(self, session, run: _Run) -> None:
+    def _recover_replicas(self, session, run: Run) -> None:
         """After a restart: rows with some replicas but no decision resume where they were."""
         rows = replication.recover(session, run.replicas, run.project_id)
         if not rows:
@@ -431,7 +383,7 @@ class Dispatcher:
         # Those rows are not dispatched from scratch again; their next replicas are follow-ups.
         remaining = []
         for start, end in run.todo:
-            remaining += _missing_ranges(iter(sorted(i for i in rows if start <= i < end)), end,
+            remaining += missing_ranges(iter(sorted(i for i in rows if start <= i < end)), end,
                                          first=start)
         run.todo = deque(remaining)
         logger.info("project %s: %d rows resume with the replicas stored before", run.project_id,
@@ -455,7 +407,7 @@ class Dispatcher:
                 if run.followups:
                     self._dispatch(run, run.followups.popleft())
                 else:
-                    self._dispatch(run, _Batch(run.project_id, *self._next_range(run)))
+                    self._dispatch(run, Batch(run.project_id, *run.next_range(max(1, self._max_inflight // 2))))
                 dispatched = True
                 free -= 1
                 if free <= 0:
@@ -467,14 +419,14 @@ class Dispatcher:
         self._owner_cycle = deque(o for o in self._owner_cycle
                                   if any(r.owner_id == o for r in self._runs.values()))
 
-    def _has_work(self, run: _Run) -> bool:
+    def _has_work(self, run: Run) -> bool:
         if run.replicas is not None:
             online = self._parties_online()
             for used, rows in run.replicas.take_followups(online):
                 size = max(1, run.sizer.next_size(len(rows), 1))
                 for start in range(0, len(rows), size):
                     chunk = tuple(rows[start:start + size])
-                    run.followups.append(_Batch(run.project_id, chunk[0], chunk[-1] + 1,
+                    run.followups.append(Batch(run.project_id, chunk[0], chunk[-1] + 1,
                                                 rows=chunk, exclude_parties=used))
         return bool(run.todo or run.followups)
 
@@ -501,19 +453,11 @@ class Dispatcher:
                 run.duplicated.add(batch.key)
                 logger.info("project %s: duplicating straggler batch %d-%d on an idle core",
                             run.project_id, batch.start, batch.end)
-                self._dispatch(run, _Batch(run.project_id, batch.start, batch.end, batch.attempt,
+                self._dispatch(run, Batch(run.project_id, batch.start, batch.end, batch.attempt,
                                            copy=True))
                 free -= 1
 
-    def _next_range(self, run: _Run) -> tuple[int, int]:
-        start, end = run.todo.popleft()
-        cores = max(1, self._max_inflight // 2)
-        cut = start + run.sizer.next_size(run.remaining() + (end - start), cores)
-        if cut < end:
-            run.todo.appendleft((cut, end))
-        return start, min(cut, end)
-
-    def _dispatch(self, run: _Run, batch: _Batch) -> None:
+    def _dispatch(self, run: Run, batch: Batch) -> None:
         excluded = self._excluded_for(run, batch)
         if self._alive_nodes and not self._alive_nodes - excluded:
             # Every live node is excluded: Ray would hold such a task forever. Keep the rows
@@ -537,7 +481,7 @@ class Dispatcher:
                      batch.start, batch.end,
                      batch.end - batch.start if batch.rows is None else len(batch.rows), selector)
 
-    def _excluded_for(self, run: _Run, batch: _Batch) -> set[str]:
+    def _excluded_for(self, run: Run, batch: Batch) -> set[str]:
         excluded = self._excluded_nodes | set(run.cannot_import)
         if self._alive_nodes - excluded - batch.failed_on:
             excluded |= batch.failed_on  # another node first; the same again only if none is left
@@ -545,16 +489,13 @@ class Dispatcher:
             excluded |= self._nodes_of.get(party, set())
         return excluded
 
-    def _hold(self, run: _Run, batch: _Batch) -> None:
+    def _hold(self, run: Run, batch: Batch) -> None:
         if batch.copy:
             return  # a straggler copy is only an optimisation
-        if batch.rows is not None and run.replicas is not None:
-            run.replicas.requeue(batch.exclude_parties, batch.rows)
-        else:
-            run.todo.appendleft((batch.start, batch.end))
+        run.put_back(batch)
         run.held = True
 
-    def _check_feasible(self, run: _Run) -> None:
+    def _check_feasible(self, run: Run) -> None:
         """Catch in-flight batches that no live node may run (their nodes died or were excluded
         after dispatch): cancel and hold them. When the script cannot be imported on any live
         node, the project fails, as it would had the last node reported it."""
@@ -616,7 +557,7 @@ class Dispatcher:
             self._finish(run, batch, ref)
         return True
 
-    def _finish(self, run: _Run, batch: _Batch, ref: Any) -> None:
+    def _finish(self, run: Run, batch: Batch, ref: Any) -> None:
         import ray
         from ray.exceptions import RayError, TaskCancelledError
 
@@ -656,12 +597,10 @@ class Dispatcher:
             self._replicated(run, batch, node_id, report.results)
             return
         self._store(run, report.results, node_id)
-        returned = sorted(r[0] for r in report.results)
-        for start, end in reversed(_missing_ranges(returned, batch.end, first=batch.start)):
-            run.todo.appendleft((start, end))
+        run.put_back_unreturned(batch, (r[0] for r in report.results))
         self._maybe_finish(run)
 
-    def _replicated(self, run: _Run, batch: _Batch, node_id: str, results: list[RowResult]) -> None:
+    def _replicated(self, run: Run, batch: Batch, node_id: str, results: list[RowResult]) -> None:
         """A volunteer's replica of some rows came back: keep it, decide what can be decided."""
         results = [RowResult._make(r) for r in results]
         party = self._party_of.get(node_id)
@@ -675,7 +614,7 @@ class Dispatcher:
             # An unclaimed node, or a volunteer already used for these rows: it cannot count.
             logger.warning("project %s: results from node %s cannot count towards a quorum",
                            run.project_id, short_id(node_id))
-            run.replicas.requeue(batch.exclude_parties, rows)
+            run.put_back(batch, rows)
             return
         with self.store.session() as session:
             if not admit_results(session, run.project_id, results, self.quota, party=party):
@@ -685,17 +624,14 @@ class Dispatcher:
                                          self._parties_online())
         logger.debug("project %s: %d replicas from %s; %d rows decided, %d waiting",
                      run.project_id, len(results), party, len(decided), run.replicas.waiting_rows())
-        returned = {r.row_index for r in results}
-        lost = [i for i in (batch.rows or range(batch.start, batch.end)) if i not in returned]
-        if lost:
-            run.replicas.requeue(batch.exclude_parties, lost)
+        run.put_back_unreturned(batch, (r.row_index for r in results))
         self._maybe_finish(run)
 
     def _record_facts(self, node_id: str, facts: dict) -> None:
         nodes.record_node_facts(self.store, node_id, **facts)
         self._facts_recorded.add(node_id)
 
-    def _note_node(self, run: _Run, node_id: str, facts: dict) -> None:
+    def _note_node(self, run: Run, node_id: str, facts: dict) -> None:
         """Record a node's own facts once, and warn on a project that ran unsandboxed."""
         if node_id not in self._facts_recorded:
             self._record_facts(node_id, facts)
@@ -706,7 +642,7 @@ class Dispatcher:
                            short_id(node_id))
             self._update_notice(run)
 
-    def _node_failed(self, run: _Run, batch: _Batch, node_id: str | None,
+    def _node_failed(self, run: Run, batch: Batch, node_id: str | None,
                      failure: BatchFailure) -> None:
         """A batch failed for reasons of the node, not of the script: run it elsewhere.
 
@@ -745,7 +681,7 @@ class Dispatcher:
                           for i in (batch.rows or range(batch.start, batch.end))], None)
         self._maybe_finish(run)
 
-    def _script_failed_on(self, run: _Run, batch: _Batch, node_id: str,
+    def _script_failed_on(self, run: Run, batch: Batch, node_id: str,
                           failure: BatchFailure) -> None:
         """The script's top-level code raised on ``node_id``: try elsewhere, or fail the project."""
         run.cannot_import[node_id] = failure.message
@@ -760,10 +696,7 @@ class Dispatcher:
             logger.warning("project %s: the script cannot be imported on node %s (%s); "
                            "running its batches elsewhere", run.project_id, short_id(node_id),
                            failure.message)
-            if batch.rows is not None and run.replicas is not None:
-                run.replicas.requeue(batch.exclude_parties, batch.rows)
-            else:
-                run.todo.appendleft((batch.start, batch.end))
+            run.put_back(batch)
             return
         with self.store.session() as session:
             transition_project(
@@ -772,7 +705,7 @@ class Dispatcher:
                 traceback=failure.traceback)
         self._cancel_inflight(self._runs.pop(run.project_id))
 
-    def _store(self, run: _Run, results: list[RowResult], node_id: str | None) -> None:
+    def _store(self, run: Run, results: list[RowResult], node_id: str | None) -> None:
         try:
             with self.store.session() as session:
                 # A project that goes over its storage quota fails here, as on the
@@ -800,7 +733,7 @@ class Dispatcher:
             for run, _results, _node in pending:
                 self._maybe_finish(run)
 
-    def _maybe_finish(self, run: _Run) -> None:
+    def _maybe_finish(self, run: Run) -> None:
         if run.todo or run.inflight or any(r is run for r, _, _ in self._unstored):
             return
         if run.followups or (run.replicas is not None and run.replicas.waiting_rows()):
@@ -808,7 +741,7 @@ class Dispatcher:
         self._runs.pop(run.project_id, None)
         logger.info("project %s: all rows dispatched and stored", run.project_id)
 
-    def _cancel_inflight(self, run: _Run) -> None:
+    def _cancel_inflight(self, run: Run) -> None:
         for ref in list(run.inflight):
             _stop(ref)
         run.inflight.clear()
@@ -824,16 +757,3 @@ def _stop(ref) -> None:
     import ray
 
     ray.cancel(ref, force=False)
-
-
-def _missing_ranges(done_indices, total: int, first: int = 0) -> list[tuple[int, int]]:
-    """Contiguous [start, end) ranges in [first, total) that are not in the sorted ``done_indices``."""
-    ranges = []
-    expected = first
-    for index in done_indices:
-        if index > expected:
-            ranges.append((expected, index))
-        expected = max(expected, index + 1)
-    if expected < total:
-        ranges.append((expected, total))
-    return ranges
