@@ -97,6 +97,15 @@ def settings(data_dir) -> Settings:
                     head_ports=TEST_HEAD_PORTS)
 
 
+def on_backend(request, data_dir: Path, **overrides) -> Settings:
+    """Settings whose store is the backend a test is parametrized with: ``"sqlite"`` (a file
+    in ``data_dir``) or ``"postgresql"`` (a new database on the session's real server)."""
+    base = Settings(data_dir=str(data_dir), row_timeout=10.0, replication=1).replace(**overrides)
+    if request.param == "postgresql":
+        base = base.replace(db_url=request.getfixturevalue("postgres_server").create_database())
+    return base
+
+
 @pytest.fixture
 def cluster_settings(settings, ray_head) -> Settings:
     """Settings for a test that runs projects on the session's Ray head."""

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import func, inspect, select, text
 
-from conftest import fixture_bytes
+from conftest import fixture_bytes, on_backend
 from engine import accounts, projects, replication
 from engine.accounts import Role
 from engine.models import SCHEMA_VERSION, Project, Replica, Task, TaskHistory
@@ -35,11 +35,7 @@ KB = 1000
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def settings(request, data_dir) -> Settings:
-    base = Settings(data_dir=str(data_dir), row_timeout=10.0, replication=1,
-                    project_storage_mb=1, user_storage_mb=0)
-    if request.param == "postgresql":
-        base = base.replace(db_url=request.getfixturevalue("postgres_server").create_database())
-    return base
+    return on_backend(request, data_dir, project_storage_mb=1, user_storage_mb=0)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import time
 import pytest
 from sqlalchemy import func, select, text
 
-from conftest import ROOT, engine_env, fixture_bytes, python
+from conftest import ROOT, engine_env, fixture_bytes, on_backend, python
 from engine import accounts, credit, nodes, projects, results
 from engine.accounts import Role
 from engine.errors import Forbidden, InvalidRequest
@@ -39,10 +39,7 @@ NODE_B = "b" * 56
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def settings(request, data_dir) -> Settings:
-    base = Settings(data_dir=str(data_dir), row_timeout=10.0, replication=1)
-    if request.param == "postgresql":
-        base = base.replace(db_url=request.getfixturevalue("postgres_server").create_database())
-    return base
+    return on_backend(request, data_dir)
 
 
 @pytest.fixture
