@@ -40,6 +40,9 @@ class Batch:
     failed_on: frozenset = frozenset()
     unplaced_failures: int = 0
     last_failure: str = ""
+    # The nodes its label selector keeps it off, as they were when it was dispatched: Ray
+    # retries a task with the same selector, so those nodes cannot take it later either.
+    dispatched_off: frozenset = frozenset()
 
     @property
     def key(self) -> tuple[int, int]:

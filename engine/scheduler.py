@@ -476,7 +476,8 @@ class Dispatcher:
         # Plain values only: a node that cannot import the engine must still take the call.
         ref = remote.remote(run.source_ref, run.filename, run.columns, payload,
                             dataclasses.asdict(run.limits))
-        run.inflight[ref] = batch
+        run.inflight[ref] = dataclasses.replace(
+            batch, dispatched_off=frozenset(excluded) if selector else frozenset())
         logger.debug("project %s: batch %d-%d (%d rows) dispatched, selector %s", run.project_id,
                      batch.start, batch.end,
                      batch.end - batch.start if batch.rows is None else len(batch.rows), selector)
@@ -500,7 +501,11 @@ class Dispatcher:
         after dispatch): cancel and hold them. When the script cannot be imported on any live
         node, the project fails, as it would had the last node reported it."""
         for ref, batch in list(run.inflight.items()):
-            if self._alive_nodes and not self._alive_nodes - self._excluded_for(run, batch):
+            # A node excluded when the batch went out stays excluded for it (its selector):
+            # a batch sent while the head was still being checked cannot go there when its
+            # own node dies, and Ray would hold it for ever.
+            off = self._excluded_for(run, batch) | batch.dispatched_off
+            if self._alive_nodes and not self._alive_nodes - off:
                 _stop(ref)
                 del run.inflight[ref]
                 self._hold(run, batch)
