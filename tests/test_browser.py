@@ -188,6 +188,7 @@ def test_a_researcher_registers_submits_watches_and_downloads(page, stack, tmp_p
     expect(main.get_by_text("No projects yet: submit one.")).to_be_visible()
     shot(page, "03-projects-empty")
 
+    settled(page)  # the cookie component's rerun after the reload can swallow the click
     nav_link(page, "Submit").click()
     expect(main.get_by_role("heading", name="Submit a project", level=1)).to_be_visible()
     field(main, "Title").fill("squares in the browser")
