@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,10 +35,11 @@ echo "venv: $(test -x "$VIRTUAL_ENV/bin/ray" && echo visible)"
 
 
 @pytest.fixture
-def volunteer(tmp_path):
-    """A volunteer's home with something private in it, and a venv whose ray is FAKE_RAY."""
+def volunteer():
+    """A volunteer's home with something private in it, and a venv whose ray is FAKE_RAY
+    (under /var/tmp, outside /tmp and the repository, as the clean volunteer venv is)."""
     BASE.mkdir(parents=True, exist_ok=True)
-    root = Path(subprocess.check_output(["mktemp", "-d", f"{BASE}/confine-XXXXXX"], text=True).strip())
+    root = Path(tempfile.mkdtemp(prefix="confine-", dir=BASE))
     os.chmod(root, 0o755)
     home, venv = root / "home", root / "venv"
     (venv / "bin").mkdir(parents=True)
@@ -47,7 +50,7 @@ def volunteer(tmp_path):
     uid = node_uid("confined")
     give_to(home, uid)
     yield home, venv, uid
-    subprocess.run(["rm", "-rf", str(root)], check=False)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def run_join(command: str, home: Path, venv: Path, uid: int | None) -> subprocess.CompletedProcess:
