@@ -8,7 +8,8 @@ import pytest
 from sqlalchemy import func, select
 
 from conftest import FIXTURES, engine_env, python
-from engine.dataset import NESTING_LIMIT, parse_dataset
+from engine.dataset import parse_dataset
+from engine.json_rows import NESTING_LIMIT
 from engine.errors import InvalidDataset
 from engine.models import DatasetChunk, Project, Task
 from engine.store import Store
