@@ -7,7 +7,8 @@ directory (mode 0600) and is never logged.
 
 The local head runs as ``ray start --head --block`` in its own process group, so the
 engine can stop exactly the processes it started (never ``ray stop``, which would also
-stop other clusters on the machine).
+stop other clusters on the machine). It is tethered to the process that started it
+(``engine.tether``): when that process dies, even by SIGKILL, the head goes with it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from engine.settings import Settings
 logger = logging.getLogger(__name__)
 
 _HEAD_START_SECONDS = 60.0
+_TETHER = Path(__file__).with_name("tether.py")
 _AGENT_TIMEOUT_MS = 120_000
 
 
@@ -127,7 +129,10 @@ class LocalHead:
                "RAY_agent_register_timeout_ms": str(_AGENT_TIMEOUT_MS)}
         logger.info("cluster: starting a local Ray head on port %s", settings.ray_port)
         started = time.monotonic()
-        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log,
+        # The tether holds the head to this process (see engine.tether); only we hold the
+        # pipe's other end, and -I keeps engine/ off the tether's sys.path.
+        self.process = subprocess.Popen([sys.executable, "-I", str(_TETHER), *argv],
+                                        stdin=subprocess.PIPE, stdout=self._log,
                                         stderr=subprocess.STDOUT, env=env, start_new_session=True)
         while not head_reachable(settings, timeout=0.5):
             if self.process.poll() is not None:
@@ -164,6 +169,7 @@ class LocalHead:
         except ProcessLookupError:
             pass
         self.process.wait()
+        self.process.stdin.close()
         self._log.close()
         logger.info("cluster: Ray head (pid %s) stopped", self.process.pid)
 
