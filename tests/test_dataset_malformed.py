@@ -9,8 +9,8 @@ from sqlalchemy import func, select
 
 from conftest import FIXTURES, engine_env, python
 from engine.dataset import parse_dataset
-from engine.json_rows import NESTING_LIMIT
 from engine.errors import InvalidDataset
+from engine.json_rows import NESTING_LIMIT
 from engine.models import DatasetChunk, Project, Task
 from engine.store import Store
 
@@ -155,30 +155,61 @@ def test_100000_brackets_exit_2_without_a_traceback(settings, tmp_path, name):
     check_refused(settings, tmp_path, name, data, f"{name}, {where}")
 
 
-# One process submits every file through the CLI's own main(), exactly as
-# ``python -m engine submit`` calls it (engine/__main__.py); a process per file would
-# cost a second or more each on the 2-core machine for the same code path.
+# One process runs ``python -m engine submit`` for every file: engine/__main__.py itself, by
+# runpy, as ``-m`` runs it, its exit code taken from SystemExit. A process per file would
+# cost a second or more of CPU each on the 2-core machine for the same code path. Logging
+# writes to whichever stderr is current, so that a warning or a logged traceback shows in
+# its own file's report (the CLI's basicConfig would keep the first file's stream).
 SWEEP = """
-import contextlib, io, json, sys
-from engine.cli import main
+import contextlib, io, json, logging, runpy, sys
+
+class CurrentStderr:
+    def write(self, text):
+        sys.stderr.write(text)
+
+    def flush(self):
+        sys.stderr.flush()
+
+logging.basicConfig(stream=CurrentStderr(), level=logging.WARNING)
+script, paths = sys.argv[1], sys.argv[2:]
 report = []
-for path in sys.argv[2:]:
+for path in paths:
+    sys.argv = ["engine", "submit", script, path]
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as out:
-        code = main(["submit", sys.argv[1], path])
+        try:
+            runpy.run_module("engine", run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
     report.append([code, out.getvalue(), err.getvalue()])
 print(json.dumps(report))
 """
 
+# CSV files refused with their line, through the CLI as well.
+CSV_FIXTURES = FIXTURES / "datasets"
+CSV_CASES = [
+    ("nul.csv", (CSV_FIXTURES / "nul.csv").read_bytes(),
+     "nul.csv, line 3: a NUL character (byte 0x00); CSV text holds none: if the file was "
+     "saved as UTF-16, save it as UTF-8"),
+    ("utf16_no_bom.csv", (CSV_FIXTURES / "utf16_no_bom.csv").read_bytes(),
+     "utf16_no_bom.csv, line 1: a NUL character (byte 0x00); CSV text holds none: if the "
+     "file was saved as UTF-16, save it as UTF-8"),
+    ("unclosed.csv", b'a,b\r\n1,"x\r\n2,y\r\n',
+     "unclosed.csv, line 2: a quoted cell is never closed: the file ends inside it; expected "
+     "a closing \" (write a quote inside a quoted cell as \"\")"),
+]
+
 
 def test_the_cli_refuses_every_file_with_exit_2_and_stores_nothing(settings, tmp_path):
+    cases = CASES + CSV_CASES
     paths = []
-    for name, data, _message in CASES:
+    for name, data, _message in cases:
         paths.append(tmp_path / name)
         paths[-1].write_bytes(data)
     done = subprocess.run([python(), "-c", SWEEP, FIXTURES / "square.py", *paths],
                           env=engine_env(settings), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr  # no file raised past main()
+    assert done.returncode == 0, done.stderr  # no file raised past the CLI
     report = json.loads(done.stdout)
-    assert report == [[2, "", f"error: {message}\n"] for _name, _data, message in CASES]
+    assert report == [[2, "", f"error: {message}\n"] for _name, _data, message in cases]
     assert stored(settings) == (0, 0, 0)

@@ -1,9 +1,11 @@
 """CSV typing is lossless: a cell reaches main as its exact text, or as a value that gives
 back exactly that text. pandas with dtype=str is the oracle for the text."""
 
+import ast
 import io
 import json
 import math
+import re
 import subprocess
 
 import pandas as pd
@@ -88,6 +90,47 @@ def test_a_column_is_typed_only_as_a_whole():
     assert typed(column(["3", "x"])) == [("str", "3"), ("str", "x")]
 
 
+def documented_examples():
+    """The rows of docs/datasets.md's table of the typing rule: cells, what main receives."""
+    page = (ROOT / "docs" / "datasets.md").read_text()
+    table = page.split("| cells in a column | `main` receives | why |\n|---|---|---|\n")[1]
+    examples = []
+    for line in table.split("\n\n")[0].splitlines():
+        given_cells, received, _why = line.strip("| ").split(" | ")
+        cells = re.findall(r"`([^`]*)`", given_cells)
+        if given_cells.endswith(", empty"):
+            cells.append("")
+        examples.append((cells, received))
+    return examples
+
+
+EXAMPLES = documented_examples()
+
+
+@pytest.mark.parametrize("cells, received", EXAMPLES, ids=[" ".join(c) for c, _ in EXAMPLES])
+def test_the_documented_examples_hold(cells, received):
+    values = column(cells)
+    if received in ("`int`", "`float`", "`str`"):  # a type for every cell, read back exactly
+        assert {type(v).__name__ for v in values} == {received.strip("`")}
+        assert all(reads_back_as(v, c) for v, c in zip(values, cells))
+    else:  # the values themselves, as Python literals
+        literals = re.findall(r"`([^`]*)`", received)
+        assert typed(values) == typed(ast.literal_eval(x) for x in literals)
+
+
+def test_the_readme_states_the_rule_and_links_the_page():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Datasets\n")[1].split("\n## ")[0]
+    assert "A column is typed only when every value in it gives back exactly its text" in section
+    assert "[docs/datasets.md](docs/datasets.md)" in section
+    for cells, now in ((["08123"], ["08123"]), (["+447911123456"], ["+447911123456"]),
+                       (["12345678901234567890"], ["12345678901234567890"]),
+                       (["1e5", "1234"], ["1e5", "1234"]), (["3", "2.5"], [3, 2.5]),
+                       (["true"], [True])):
+        assert all(f"`{c}`" in section for c in cells[:1])  # the README's examples
+        assert typed(column(cells)) == typed(now)
+
+
 def test_parsing_a_csv_does_not_import_pandas():
     # pandas costs about half a second to import: most of a small submission's set-up.
     code = ("import sys; from engine.dataset import parse_dataset; "
@@ -130,8 +173,9 @@ def expected_column(cells):
     return [next(typed_cells) if c != "" else None for c in cells]
 
 
-def oracle_text(csv_text: str) -> list[list[str]]:
-    frame = pd.read_csv(io.StringIO(csv_text), dtype=str, keep_default_na=False)
+def oracle_text(data: bytes) -> list[list[str]]:
+    """Each cell's text as pandas reads it with dtype=str (the oracle), from the file's bytes."""
+    frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, encoding="utf-8-sig")
     return frame.fillna("").values.tolist()
 
 
@@ -148,21 +192,25 @@ def reads_back_as(value, text: str) -> bool:
     return value == text
 
 
-def write_csv(header, rows, terminator, quote_all):
+def write_csv(header, rows, terminators, quote_all):
+    """The file's text; line i ends with terminators[i] (the last line may have none)."""
     def cell(c, alone):
         # A lone cell of nothing or only spaces and tabs is quoted, or its line would be
         # blank (and skipped).
         needs = quote_all or (alone and not c.strip(" \t")) or any(ch in c for ch in ',"\r\n')
         return '"' + c.replace('"', '""') + '"' if needs else c
     lines = [",".join(cell(c, len(r) == 1) for c in r) for r in [header, *rows]]
-    return terminator.join(lines)
+    return "".join(line + end for line, end in zip(lines, terminators))
 
 
 DIGITS = st.text(alphabet="0123456789", min_size=1, max_size=25)
+NUMBERS = st.one_of(st.integers(-2**63, 2**63 - 1).map(str),
+                    st.floats(allow_nan=False, allow_infinity=False).map(repr))
 CELLS = [
     st.text(alphabet="0123456789+-.eE", min_size=1, max_size=22),          # number-ish
     st.integers(-2**70, 2**70).map(str),
     st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    NUMBERS,                                                                 # ints among decimals
     st.floats().map(str),
     DIGITS.map(lambda d: "0" + d),                                           # leading zeros
     DIGITS.map(lambda d: "+" + d),                                           # phone numbers
@@ -185,11 +233,20 @@ def tables(draw):
         columns.append(draw(st.lists(kind, min_size=height, max_size=height)))
     header = [f"c{i}" for i in range(width)]
     rows = [list(r) for r in zip(*columns)]
-    terminator = draw(st.sampled_from(["\n", "\r\n", "\r"]))
-    text = write_csv(header, rows, terminator, draw(st.booleans()))
+    # One line ending for the file (Unix, Windows, old Mac), or each line its own (mixed).
+    endings = st.sampled_from(["\n", "\r\n", "\r"])
+    ending = draw(endings)
+    terminators = draw(st.one_of(st.just([ending] * (height + 1)),
+                                 st.lists(endings, min_size=height + 1, max_size=height + 1)))
     if draw(st.booleans()):
-        text += terminator
+        terminators[-1] = ""  # no line break after the last row
+    text = write_csv(header, rows, terminators, draw(st.booleans()))
     return header, rows, text
+
+
+def file_bytes(text, bom):
+    """The file as saved: UTF-8, with the byte-order mark Excel's "CSV UTF-8" writes, or not."""
+    return (b"\xef\xbb\xbf" if bom else b"") + text.encode()
 
 
 PROPERTY = hypothesis_settings(max_examples=250, deadline=None, database=None, derandomize=True,
@@ -197,21 +254,22 @@ PROPERTY = hypothesis_settings(max_examples=250, deadline=None, database=None, d
 
 
 @PROPERTY
-@given(tables())
-def test_main_receives_each_cell_or_its_lossless_value(table):
+@given(tables(), st.booleans())
+def test_main_receives_each_cell_or_its_lossless_value(table, bom):
     header, rows, text = table
-    dataset = parse(text.encode())
+    dataset = parse(file_bytes(text, bom))
     assert dataset.columns == header
     expected = [list(r) for r in zip(*[expected_column(c) for c in zip(*rows)])]
     assert typed_rows(dataset.rows) == typed_rows(expected)
 
 
 @PROPERTY
-@given(tables())
-def test_pandas_reads_the_same_text_that_main_receives(table):
+@given(tables(), st.booleans())
+def test_pandas_reads_the_same_text_that_main_receives(table, bom):
     _header, rows, text = table
-    dataset = parse(text.encode())
-    cells = oracle_text(text)
+    data = file_bytes(text, bom)
+    dataset = parse(data)
+    cells = oracle_text(data)
     assert cells == rows  # the generator wrote what it meant (and pandas agrees)
     for values, texts in zip(dataset.rows, cells):
         for value, cell in zip(values, texts):
@@ -256,6 +314,18 @@ def test_nul_bytes_are_refused_with_their_line(name, line):
     assert str(caught.value) == (
         f"{name}, line {line}: a NUL character (byte 0x00); CSV text holds none: if the file "
         f"was saved as UTF-16, save it as UTF-8")
+
+
+@PROPERTY
+@given(tables(), st.data())
+def test_a_nul_anywhere_is_refused_with_its_line(table, data):
+    _header, _rows, text = table
+    at = data.draw(st.integers(0, len(text)), label="at")
+    text = text[:at] + "\x00" + text[at:]
+    line = len(re.split(r"\r\n|\r|\n", text[:at]))  # \r\n, \r or \n ends a line
+    with pytest.raises(InvalidDataset) as caught:
+        parse(text.encode())
+    assert str(caught.value).startswith(f"d.csv, line {line}: a NUL character (byte 0x00)")
 
 
 def test_only_a_leading_bom_is_dropped():

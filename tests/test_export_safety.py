@@ -75,6 +75,25 @@ def test_every_cell_reads_back_exactly_line_breaks_and_all(rows):
     assert read_back(written(rows)) == rows
 
 
+@st.composite
+def tables(draw):
+    """A header of distinct, non-empty names (pandas renames repeated ones and names empty
+    ones "Unnamed: 0") and rows of its width."""
+    header = draw(st.lists(CELL.filter(bool), min_size=1, max_size=4, unique=True))
+    width = len(header)
+    return [header, *draw(st.lists(st.lists(CELL, min_size=width, max_size=width),
+                                   min_size=1, max_size=6))]
+
+
+@hypothesis_settings(PROPERTY, max_examples=200)
+@given(tables(), st.booleans())
+def test_pandas_reads_back_each_exported_cell(table, escape):
+    """Escaped (the default export) or exact, the file's cells are what pandas.read_csv gives."""
+    cells = [[escape_formula(c) for c in row] for row in table] if escape else table
+    frame = pd.read_csv(io.StringIO(written(cells)), dtype=str, keep_default_na=False)
+    assert [list(frame.columns)] + frame.values.tolist() == cells
+
+
 @PROPERTY
 @given(CELL)
 def test_the_documented_undo_gives_back_the_cell(cell):
@@ -98,17 +117,22 @@ OUTPUTS = [{"neg": -5, "formula": "=2*3", "score": -0.25, "note": "\tTAB"},
            {"neg": 7, "formula": "=x", "score": 1, "note": "ok"}]
 
 
-@pytest.fixture
-def project(store, settings):
+def project_with_outputs(store, settings, script, dataset, outputs) -> int:
+    """A project whose rows have ``outputs``, stored as the sandboxed child stores them."""
     pid = projects.submit_project(
-        store, settings, accounts.local_admin(store), title="t", script_name="dict_output.py",
-        script_bytes=fixture_bytes("dict_output.py"), dataset_name="d.csv", dataset_bytes=DATASET)
+        store, settings, accounts.local_admin(store), title="t", script_name=script,
+        script_bytes=fixture_bytes(script), dataset_name="d.csv", dataset_bytes=dataset)
     with store.session() as session:
         transition_project(session, pid, ProjectStatus.RUNNING)
         record_results(session, pid, [
             RowResult(i, True, json.dumps(o, ensure_ascii=False, separators=(",", ":")), None, None, 0.0)
-            for i, o in enumerate(OUTPUTS)], "node-a")
+            for i, o in enumerate(outputs)], "node-a")
     return pid
+
+
+@pytest.fixture
+def project(store, settings):
+    return project_with_outputs(store, settings, "dict_output.py", DATASET, OUTPUTS)
 
 
 def exported(store, pid, **kw) -> str:
@@ -160,14 +184,7 @@ def test_cells_are_the_stored_values_with_only_the_documented_prefix(store, sett
     values = [0, -3, 10**30, 2.5, -1e-300, 1e300, float("inf"), float("-inf"), True, False, None,
               "text", "", "1", "null", "-1", "=1", "ünï \"q\"", [1, "a"], {"k": [1]}]
     data = b"x\n" + b"".join(b"%d\n" % i for i in range(len(values)))
-    pid = projects.submit_project(
-        store, settings, accounts.local_admin(store), title="t", script_name="square.py",
-        script_bytes=fixture_bytes("square.py"), dataset_name="d.csv", dataset_bytes=data)
-    with store.session() as session:
-        transition_project(session, pid, ProjectStatus.RUNNING)
-        record_results(session, pid, [
-            RowResult(i, True, json.dumps(v, ensure_ascii=False, separators=(",", ":")), None, None, 0)
-            for i, v in enumerate(values)], "node-a")
+    pid = project_with_outputs(store, settings, "square.py", data, values)
     raw = [row[1] for row in read_back(exported(store, pid, escape_formulas=False))[1:]]
     safe = [row[1] for row in read_back(exported(store, pid))[1:]]
     assert raw == [_cell(v) for v in values]
