@@ -9,7 +9,7 @@ import streamlit as st
 
 from engine import Role, accounts, cancel_project, drivers, list_projects, nodes, verification
 from engine.projects import one_line
-from engine.status import NodeHealth, ProjectStatus
+from engine.status import NodeHealth, NodeRole, NodeStatus, ProjectStatus
 from portal import auth, errors, panels, state, tables, widgets
 
 user = auth.require(Role.ADMIN)
@@ -57,7 +57,7 @@ def _trust() -> str:
     trusted = not next(n.trusted for n in nodes.list_nodes(store, auth.current_user())
                        if n.node_id == node_id)
     nodes.set_trusted(store, node_id, trusted, actor=auth.current_user())
-    return f"Node {node_id[:12]} is {'trusted' if trusted else 'no longer trusted'}."
+    return f"Node {nodes.short_id(node_id)} is {'trusted' if trusted else 'no longer trusted'}."
 
 
 def _chosen(key: str):
@@ -141,10 +141,10 @@ with nodes_tab:
         st.info("No node has joined yet.", icon=":material/inbox:")
     else:
         for n in registry:
-            if n.status == "online" and n.health == NodeHealth.QUARANTINED:
+            if n.status == NodeStatus.ONLINE and n.health == NodeHealth.QUARANTINED:
                 panels.node_health(n)
         st.dataframe(tables.node_rows(registry, admin=True), hide_index=True)
-        volunteers_nodes = [n for n in registry if n.attribution not in ("head", "unclaimed")]
+        volunteers_nodes = [n for n in registry if n.attribution not in (NodeRole.HEAD, NodeRole.UNCLAIMED)]
         if volunteers_nodes:
             left, right = st.columns([3, 2], vertical_alignment="bottom")
             by_id = {n.node_id: n for n in volunteers_nodes}
@@ -152,7 +152,7 @@ with nodes_tab:
                 "Trust a node: one of your own machines, whose results need no replication "
                 "(they earn no credit)", list(by_id), key="trust_choice",
                 format_func=lambda i: f"{by_id[i].attribution} on {panels.node_machine(by_id[i])} "
-                                      f"({i[:12]})" + (" - trusted" if by_id[i].trusted else ""))
+                                      f"({nodes.short_id(i)})" + (" - trusted" if by_id[i].trusted else ""))
             right.button("Trust / stop trusting", key="trust_button", icon=":material/verified_user:",
                          on_click=widgets.act, args=(_trust,))
 

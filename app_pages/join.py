@@ -4,6 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from engine import Role, nodes, verification
+from engine.status import NodeStatus
 from portal import auth, errors, panels, state, tables, widgets
 
 user = auth.require(Role.VOLUNTEER)
@@ -44,7 +45,7 @@ def _my_machines() -> None:
             st.info("No machine of yours has joined yet.", icon=":material/inbox:")
             return
         for n in mine:
-            if n.status == "online":
+            if n.status == NodeStatus.ONLINE:
                 panels.node_health(n)
         st.dataframe(tables.node_rows(mine, admin=False), hide_index=True)
 

@@ -78,7 +78,7 @@ panels.run_estimate(projects.estimate([r.seconds for r in trial.rows], len(datas
 panels.waits_for(where)
 
 all_failed = bool(trial.rows) and not any(r.succeeded for r in trial.rows)
-submitted = st.session_state.get("submitted", {})
+submitted = st.session_state.get("submitted_projects", {})
 confirmed = False
 if upload_key in submitted:
     project_id = submitted[upload_key]
@@ -110,7 +110,7 @@ if confirmed:
             dataset_name=dataset.name, dataset_bytes=dataset_file.getvalue(),
             batch_size=None if batch_size is None else int(batch_size), row_timeout=float(row_timeout),
             replication=int(replication), comparison=comparison, tolerance=float(tolerance))
-    st.session_state["submitted"] = {**submitted, upload_key: project_id}
+    st.session_state["submitted_projects"] = {**submitted, upload_key: project_id}
     st.success(f"Project {project_id} submitted.", icon=":material/check_circle:")
     st.page_link("app_pages/projects.py", label="Follow its progress", icon=":material/monitoring:",
                  query_params={"id": project_id})

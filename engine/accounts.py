@@ -22,6 +22,7 @@ from engine.keys import data_secret
 from engine.errors import Forbidden, InvalidRequest, NotFound
 from engine.models import LoginFailures, Project, User
 from engine.settings import Settings
+from engine.status import NodeRole
 from engine.store import Store
 
 logger = logging.getLogger(__name__)
@@ -30,9 +31,11 @@ logger = logging.getLogger(__name__)
 # actor of every CLI command. It has no password, so nobody can sign in as it; `init` and
 # `serve` create it, so that nobody can register the name first.
 LOCAL_ADMIN = "admin"
+# The machine's own operator as the actor of a registry call (the CLI): sees every node.
+OPERATOR = "operator"
 # Names the engine itself uses for parties and node owners ("head" is the operator's trusted
 # party: a volunteer called "head" would have their results accepted unverified).
-ENGINE_NAMES = frozenset({"head", "unclaimed", "operator"})
+ENGINE_NAMES = frozenset({NodeRole.HEAD.value, NodeRole.UNCLAIMED.value, OPERATOR})
 RESERVED_NAMES = ENGINE_NAMES | {LOCAL_ADMIN}
 # Five wrong passwords within the window lock the name for the rest of the window.
 MAX_FAILED_LOGINS = 5
@@ -282,9 +285,6 @@ def grant_role(store: Store, actor: User, name: str, role: Role) -> User:
 # accounts start unapproved; accounts the operator adds (``user add``) and accounts that
 # were volunteers when the store was upgraded to schema version 5 are approved.
 
-_HEAD = "head"  # the head's own party name (engine.nodes.HEAD); never a user's
-
-
 def approve_volunteer(store: Store, actor: User, name: str) -> None:
     """Let volunteer ``name`` see the join command while ``volunteer_approval`` is on
     (admins only). Approving an approved volunteer changes nothing."""
@@ -301,7 +301,7 @@ def require_may_join(store: Store, settings: Settings, name: str) -> None:
     """Refuse (Forbidden) to show ``name`` the join command while ``volunteer_approval`` is
     on and no admin has approved them. Admins and the head are never refused; with the
     setting off nobody is. A name with no account is NotFound, as in ``join_command``."""
-    if not settings.volunteer_approval or name == _HEAD:
+    if not settings.volunteer_approval or name == NodeRole.HEAD:
         return
     with store.session() as session:
         user = session.execute(select(User).where(User.name == name)).scalar_one_or_none()

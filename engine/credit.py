@@ -41,8 +41,7 @@ from sqlalchemy import delete, func, insert, select, text
 
 from engine.errors import InvalidRequest
 from engine.models import CreditRollup, Project, ProjectCredit
-from engine.parties import HEAD
-from engine.status import ProjectStatus
+from engine.status import NodeRole, ProjectStatus, TaskStatus, Verification
 from engine.store import Store
 
 logger = logging.getLogger(__name__)
@@ -80,12 +79,13 @@ _REFRESH_COST_FACTOR = 20.0
 # who did the agreed work, BOINC-style). A project with verification turned off
 # (replication 1) stores plain tasks, marked unverified: they earn nothing, because a
 # node could return anything for them.
-ACCEPTED_VERIFICATIONS = ("verified", "verified-by-trust")
+# Trusted results (the head's and trusted nodes') are accepted too, but earn nothing.
+ACCEPTED_VERIFICATIONS = (Verification.VERIFIED.value, Verification.BY_TRUST.value)
 
 # (source table, SQL for "this execution is accepted") by whether the project replicates.
 _SOURCES = {
-    True: ("replicas", "x.agreed = TRUE AND x.status = 'succeeded'"),
-    False: ("tasks", "x.status = 'succeeded' AND x.verification IN ("
+    True: ("replicas", f"x.agreed = TRUE AND x.status = '{TaskStatus.SUCCEEDED.value}'"),
+    False: ("tasks", f"x.status = '{TaskStatus.SUCCEEDED.value}' AND x.verification IN ("
                      + ", ".join(f"'{v}'" for v in ACCEPTED_VERIFICATIONS) + ")"),
 }
 
@@ -203,7 +203,7 @@ _LEADERBOARD = text(f"""
     FROM credit_rollup AS r
     JOIN nodes AS n ON n.node_id = r.node_id
     JOIN credit_projects AS c ON c.project_id = r.project_id
-    WHERE r.hour >= :since AND r.accepted > 0 AND n.volunteer IS NOT NULL AND n.role != '{HEAD}'
+    WHERE r.hour >= :since AND r.accepted > 0 AND n.volunteer IS NOT NULL AND n.role != '{NodeRole.HEAD.value}'
       AND n.trusted IS NOT TRUE
     GROUP BY n.volunteer
 """)

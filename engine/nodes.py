@@ -30,19 +30,20 @@ from datetime import datetime, timezone
 from sqlalchemy import select, update
 
 from engine import cluster, confinement, credit
-from engine.accounts import Role, is_admin, require_may_join, require_role
+from engine.accounts import OPERATOR, Role, is_admin, require_may_join, require_role
 from engine.errors import InvalidRequest, NotFound
 from engine.keys import data_secret
 from engine.models import Node, User, VolunteerKey
-from engine.parties import HEAD, TRUSTED_PARTY, UNCLAIMED, VOLUNTEER  # noqa: F401 (re-exported)
+from engine.parties import TRUSTED_PARTY
 from engine.settings import Settings
+from engine.status import NodeHealth, NodeRole, NodeStatus
 from engine.store import Store
 
 logger = logging.getLogger(__name__)
 
 VOLUNTEER_LABEL = "constellation-volunteer"
 SIGNATURE_LABEL = "constellation-signature"
-ROLE_LABEL = "constellation-role"          # "head" on the head (engine.cluster.LocalHead)
+ROLE_LABEL = "constellation-role"          # NodeRole.HEAD on the head (engine.cluster.LocalHead)
 NODE_ID_LABEL = "ray.io/node-id"           # set by Ray on every node
 
 # Ray label values are at most 63 characters, alphanumeric at both ends. 40 hex digits
@@ -202,8 +203,6 @@ def rotate_signature(store: Store, volunteer_name: str, actor: User | None = Non
 
 # -- the registry ------------------------------------------------------------------------
 
-OPERATOR = "operator"  # the machine's own operator (the CLI), who sees every node
-
 
 def _verify(settings: Settings, labels: dict, users_by_name: dict, users_by_id: dict,
             generations: dict) -> tuple[str | None, str | None]:
@@ -224,7 +223,7 @@ def _verify(settings: Settings, labels: dict, users_by_name: dict, users_by_id: 
 
 
 def _is_head(ray_node: dict) -> bool:
-    return ((ray_node.get("Labels") or {}).get(ROLE_LABEL) == HEAD
+    return ((ray_node.get("Labels") or {}).get(ROLE_LABEL) == NodeRole.HEAD
             or "node:__internal_head__" in (ray_node.get("Resources") or {}))
 
 
@@ -270,7 +269,7 @@ def sync_registry(store: Store, settings: Settings, ray_nodes: list[dict], *,
             node.host = ray_node.get("NodeManagerAddress") or node.host or ""
             node.hostname = ray_node.get("NodeManagerHostname") or node.hostname or ""
             if _is_head(ray_node):
-                node.role, node.claimed, node.volunteer = HEAD, False, None
+                node.role, node.claimed, node.volunteer = NodeRole.HEAD.value, False, None
                 continue
             owner, node.label_volunteer = _verify(settings, labels, users_by_name, users_by_id,
                                                   generations)
@@ -295,7 +294,7 @@ def _claim(node: Node, owner: str | None, now: float) -> None:
     if owner is not None and node.volunteer in (None, owner):
         if not node.claimed:
             logger.info("node %s: claimed by volunteer %s", short_id(node.node_id), owner)
-        node.role, node.volunteer, node.claimed = VOLUNTEER, owner, True
+        node.role, node.volunteer, node.claimed = NodeRole.VOLUNTEER.value, owner, True
     elif node.volunteer is not None:
         # It verified once and no longer does: the signature was rotated or the account
         # disabled. Earlier tasks keep their credit; later ones earn nothing.
@@ -303,8 +302,8 @@ def _claim(node: Node, owner: str | None, now: float) -> None:
         logger.warning("node %s: the signature of %s no longer verifies; it stops earning",
                        short_id(node.node_id), node.volunteer)
     else:
-        if node.role != UNCLAIMED:
-            node.role = UNCLAIMED
+        if node.role != NodeRole.UNCLAIMED:
+            node.role = NodeRole.UNCLAIMED.value
         node.claimed = False
 
 
@@ -324,7 +323,7 @@ def excluded_node_ids(store: Store, settings: Settings) -> set[str]:
         return set()
     with store.session() as session:
         return set(session.execute(select(Node.node_id).where(
-            Node.online.is_(True), Node.role != HEAD, Node.claimed.is_(False))).scalars())
+            Node.online.is_(True), Node.role != NodeRole.HEAD.value, Node.claimed.is_(False))).scalars())
 
 
 def parties(store: Store) -> dict[str, str]:
@@ -336,8 +335,8 @@ def parties(store: Store) -> dict[str, str]:
     """
     with store.session() as session:
         rows = session.execute(select(Node.node_id, Node.role, Node.volunteer, Node.trusted).where(
-            (Node.role == HEAD) | Node.claimed.is_(True))).all()
-    return {node_id: TRUSTED_PARTY if role == HEAD or trusted else volunteer
+            (Node.role == NodeRole.HEAD.value) | Node.claimed.is_(True))).all()
+    return {node_id: TRUSTED_PARTY if role == NodeRole.HEAD or trusted else volunteer
             for node_id, role, volunteer, trusted in rows}
 
 
@@ -354,7 +353,7 @@ def set_trusted(store: Store, node_id: str, trusted: bool, actor: User | None | 
         node = session.get(Node, node_id) or _by_prefix(session, node_id)
         if node is None:
             raise NotFound(f"no node {node_id!r}")
-        if node.role == HEAD:
+        if node.role == NodeRole.HEAD:
             raise InvalidRequest("the head is always trusted")
         node.trusted = trusted
         logger.info("node %s: %s by an admin", short_id(node.node_id),
@@ -389,9 +388,9 @@ class NodeView:
     node_id: str
     volunteer: str | None       # the verified owner while the signature verifies, else None
     claimed: bool
-    attribution: str            # "head", the volunteer's name, or "unclaimed"
+    attribution: str            # NodeRole.HEAD, the volunteer's name, or NodeRole.UNCLAIMED
     label_volunteer: str | None  # the name the labels claim (verified or not)
-    status: str                 # "online" or "offline"
+    status: NodeStatus          # online or offline
     host: str
     hostname: str
     cpus: float
@@ -403,7 +402,7 @@ class NodeView:
     last_seen: str
     tasks_completed: int
     last_activity: str | None
-    health: str = "checking"        # engine.status.NodeHealth: checking, ready, quarantined
+    health: NodeHealth = NodeHealth.CHECKING  # checking, ready, quarantined, removed
     health_reason: str | None = None  # why it gets no work, in words a volunteer can act on
     quarantined_until: str | None = None
     trusted: bool = False            # the head, or an operator's machine an admin trusts
@@ -412,9 +411,16 @@ class NodeView:
         return asdict(self)
 
 
+def attribution_of(node: Node) -> str:
+    """Whom a registry row's node is attributed to, as lists show it: the head, its verified
+    volunteer's name, or unclaimed."""
+    if node.role == NodeRole.HEAD:
+        return NodeRole.HEAD.value
+    return node.volunteer if node.claimed else NodeRole.UNCLAIMED.value
+
+
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
-
 
 
 def list_nodes(store: Store, actor: User | None | str = OPERATOR) -> list[NodeView]:
@@ -432,14 +438,15 @@ def list_nodes(store: Store, actor: User | None | str = OPERATOR) -> list[NodeVi
     views = []
     for n in nodes:
         completed, last = activity.get(n.node_id, (0, None))
-        attribution = HEAD if n.role == HEAD else (n.volunteer if n.claimed else UNCLAIMED)
+        attribution = attribution_of(n)
         views.append(NodeView(
             node_id=n.node_id, volunteer=n.volunteer if n.claimed else None, claimed=n.claimed,
             attribution=attribution, label_volunteer=n.label_volunteer,
-            status="online" if n.online else "offline", host=n.host, hostname=n.hostname,
+            status=NodeStatus.ONLINE if n.online else NodeStatus.OFFLINE, host=n.host, hostname=n.hostname,
             cpus=n.cpus, memory_bytes=n.memory_bytes, python_version=n.python_version,
             ray_version=n.ray_version, sandbox=n.sandbox, first_seen=_iso(n.first_seen),
             last_seen=_iso(n.last_seen), tasks_completed=completed, last_activity=_iso(last),
-            health=n.health, health_reason=n.health_reason,
-            quarantined_until=_iso(n.quarantined_until), trusted=n.role == HEAD or n.trusted))
+            health=NodeHealth(n.health), health_reason=n.health_reason,
+            quarantined_until=_iso(n.quarantined_until),
+            trusted=n.role == NodeRole.HEAD or n.trusted))
     return views

@@ -20,10 +20,11 @@ from engine.accounts import Role, is_admin, require_role, visible_project
 from engine.dataset import Dataset, parse_dataset
 from engine.errors import InvalidRequest
 from engine.models import DatasetChunk, Node, Project, Replica, Task, User
-from engine.nodes import HEAD, UNCLAIMED
+from engine.nodes import attribution_of
 from engine.script import Script, check_script
 from engine.settings import Settings
-from engine.status import NodeHealth, ProjectStatus, rerun_failed, transition_project
+from engine.status import (ClusterStatus, NodeHealth, NodeRole, NodeStatus, ProjectStatus,
+                           rerun_failed, transition_project)
 from engine.verification import MAX_REPLICATION, SPARE_REPLICAS, Comparison
 from engine.store import Store
 
@@ -247,8 +248,7 @@ def label_of(node_id: str | None, node: Node | None) -> str:
         return "no node (the row failed on every node tried)"
     if node is None:
         return f"unknown node {node_id[:8]}"
-    owner = HEAD if node.role == HEAD else (node.volunteer if node.claimed else UNCLAIMED)
-    return node_label(owner, node.hostname, node.host, node_id)
+    return node_label(attribution_of(node), node.hostname, node.host, node_id)
 
 
 def _unique_labels(labels: dict) -> dict:
@@ -280,17 +280,17 @@ def outlook(store: Store, settings: Settings, replication: int) -> Outlook:
     from engine import nodes as registry
 
     health = store.cluster_health()
-    online = [n for n in registry.list_nodes(store) if n.status == "online"]
+    online = [n for n in registry.list_nodes(store) if n.status == NodeStatus.ONLINE]
     usable = [n for n in online if n.health == NodeHealth.READY
-              and (n.attribution != UNCLAIMED or settings.allow_unclaimed_nodes)]
+              and (n.attribution != NodeRole.UNCLAIMED or settings.allow_unclaimed_nodes)]
     cpus = sum(n.cpus for n in usable) or float(health["cpus"] or 0.0)
     trusted = any(n.trusted for n in usable)
-    volunteers = {n.attribution for n in usable if not n.trusted and n.attribution != UNCLAIMED}
+    volunteers = {n.attribution for n in usable if not n.trusted and n.attribution != NodeRole.UNCLAIMED}
     runs = 1 if replication <= 1 or (trusted and not volunteers) else replication
     waits = None
-    if health["status"] == "no dispatcher":
+    if health["status"] == ClusterStatus.NO_DISPATCHER:
         waits = "a dispatcher: none is running (`make run` starts one with the portal)"
-    elif health["status"] != "online":
+    elif health["status"] != ClusterStatus.ONLINE:
         waits = f"the cluster, which is {health['status']}: {health['message']}"
     elif not online:
         waits = "a node: none has joined the cluster"

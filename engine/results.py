@@ -2,8 +2,9 @@
 
 Nothing here loads a whole result set: a page reads the one or two dataset chunks and
 the task rows of its row range by primary key, and the failed-rows view pages with a
-key (the last row index shown) over the ``(project_id, status, row_index)`` index, so
-page 1,000 costs what page 1 costs. Downloads stream through ``engine.export``.
+key (the last row index shown) over ``ix_tasks_failed``, the index of failed rows'
+``(project_id, row_index)`` (``engine.models.failed_tasks``), so page 1,000 costs what
+page 1 costs. Downloads stream through ``engine.export``.
 
 A page is bounded by size as well as by rows: it carries at most ``MAX_PAGE_CHARS`` of
 output and error text, and ends early (saying where the rest begins) when its rows'
@@ -26,7 +27,7 @@ from engine.accounts import visible_project
 from engine.errors import NotFound
 from engine.models import DatasetChunk, Task, failed_tasks
 from engine.projects import CHUNK_ROWS
-from engine.status import ProjectStatus, TaskStatus
+from engine.status import FAILED_ROW, ProjectStatus, TaskStatus
 from engine.store import Store
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def failed_page(store: Store, actor, project_id: int, *, after: int = -1,
         failed = failed_tasks(session)
         keys = session.execute(text(
             "SELECT row_index, length(output), length(error) "
-            f"FROM {failed} WHERE project_id = :p AND status = 'failed' "
+            f"FROM {failed} WHERE project_id = :p AND {FAILED_ROW} "
             "AND row_index > :after ORDER BY row_index LIMIT :n OFFSET :skip"),
             {"p": project_id, "after": int(after), "n": limit + 1, "skip": skip}).all()
         more = len(keys) > limit
@@ -191,7 +192,7 @@ def error_groups(store: Store, actor, project_id: int) -> list[ErrorGroup]:
         groups = session.execute(text(
             f"SELECT CASE WHEN {find}(error, ':') > 0 THEN substr(error, 1, {find}(error, ':') - 1) "
             "ELSE error END AS kind, count(*) AS n, min(row_index) AS first "
-            f"FROM {failed_tasks(session)} WHERE project_id = :p AND status = 'failed' "
+            f"FROM {failed_tasks(session)} WHERE project_id = :p AND {FAILED_ROW} "
             "GROUP BY kind ORDER BY n DESC, first"), {"p": project_id}).all()
         result = []
         for kind, count, first in groups:

@@ -85,9 +85,55 @@ class NodeHealth(str, enum.Enum):
         return self.value
 
 
+class NodeStatus(str, enum.Enum):
+    """Whether a node is in the cluster now (``NodeView.status``); whether it may get work
+    is its ``NodeHealth``."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"      # it left, or the head restarted and forgot it; it stays listed
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class NodeRole(str, enum.Enum):
+    """Who answers for a node's results (the registry's ``role``).
+
+    A node belongs to the head (the operator's machine; nodes an admin trusts answer as
+    the head too, see ``engine.parties``), to a volunteer (by name, once its signature
+    verifies), or to nobody (unclaimed). A node's attribution, as lists show it, is
+    ``head``, the volunteer's name, or ``unclaimed``.
+    """
+
+    HEAD = "head"
+    VOLUNTEER = "volunteer"
+    UNCLAIMED = "unclaimed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ClusterStatus(str, enum.Enum):
+    """How the cluster is doing, as the dispatcher reports it through its lease row
+    (``Store.cluster_health``)."""
+
+    ONLINE = "online"
+    UNAVAILABLE = "unavailable"        # the Ray head is not answering
+    NO_DISPATCHER = "no dispatcher"    # no live lease: nothing runs
+
+    def __str__(self) -> str:
+        return self.value
+
+
 # The error of a row whose batch failed on too many nodes for reasons of the nodes. Such
 # rows never count towards the systematic-failure stop: the script did not fail.
 NODE_FAILURE = "NodeFailure"
+
+# A literal, not a bound parameter: SQLite uses the partial index on failed rows
+# (``failed_tasks``) only when the query repeats its WHERE clause word for word. The
+# index's own DDL in engine.models spells it too (models cannot import this module, which
+# imports it); tests/test_layout.py checks that the two are the same.
+FAILED_ROW = f"status = '{TaskStatus.FAILED.value}'"
 
 _TERMINAL = frozenset({ProjectStatus.COMPLETE, ProjectStatus.FAILED, ProjectStatus.CANCELLED})
 
@@ -186,7 +232,7 @@ def result_bytes(results: Sequence[RowResult]) -> int:
 
 def record_results(session: Session, project_id: int, results: Sequence[RowResult],
                    node_id: str | None, *, systematic_rows: int = 0,
-                   verification: str = "unverified",
+                   verification: str = Verification.UNVERIFIED.value,
                    quota: StorageQuota | None = None) -> tuple[int, int]:
     """Store row outcomes, bump the project's counters, and complete it when every row is in.
 
@@ -217,7 +263,7 @@ def record_results(session: Session, project_id: int, results: Sequence[RowResul
                 rows_failed=Project.rows_failed + failed,
                 rows_verified=Project.rows_verified + verified,
                 rows_inconclusive=Project.rows_inconclusive + (
-                    succeeded + failed if verification == "inconclusive" else 0),
+                    succeeded + failed if verification == Verification.INCONCLUSIVE.value else 0),
                 stored_bytes=Project.stored_bytes + _added_bytes(
                     session, "tasks", project_id, results, succeeded + failed, size, now),
             )
@@ -483,7 +529,7 @@ def decide_rows(session: Session, project_id: int,
 def _stop_if_systematic(session: Session, project_id: int, rows: int) -> None:
     first = session.execute(
         text(f"SELECT error, traceback FROM {failed_tasks(session)} WHERE project_id = :p "
-             "AND status = 'failed' AND error NOT LIKE :infrastructure "
+             f"AND {FAILED_ROW} AND error NOT LIKE :infrastructure "
              "ORDER BY finished_at, row_index LIMIT :n"),
         {"p": project_id, "n": rows, "infrastructure": f"{NODE_FAILURE}:%"}).all()
     kinds = {(error or "").split(":", 1)[0] for error, _ in first}
@@ -493,11 +539,6 @@ def _stop_if_systematic(session: Session, project_id: int, rows: int) -> None:
         transition_project(session, project_id, ProjectStatus.FAILED,
                            error=f"stopped: the first {rows} rows all raised {kind}",
                            traceback=example)
-
-
-# A literal, not a bound parameter: SQLite uses the partial index on failed rows
-# (``failed_tasks``) only when the query repeats its WHERE clause word for word.
-_FAILED_ROW = f"status = '{TaskStatus.FAILED.value}'"
 
 
 def rerun_failed(session: Session, project_id: int) -> int:
@@ -516,9 +557,9 @@ def rerun_failed(session: Session, project_id: int) -> int:
         "INSERT INTO task_history (project_id, row_index, attempt, status, output, error, "
         "traceback, node_id, cpu_seconds, finished_at) "
         "SELECT project_id, row_index, :a, status, output, error, traceback, node_id, "
-        f"cpu_seconds, finished_at FROM {failed} WHERE project_id = :p AND {_FAILED_ROW}"),
+        f"cpu_seconds, finished_at FROM {failed} WHERE project_id = :p AND {FAILED_ROW}"),
         {"p": project_id, "a": attempt})
-    moved = session.execute(text(f"DELETE FROM {failed} WHERE project_id = :p AND {_FAILED_ROW}"),
+    moved = session.execute(text(f"DELETE FROM {failed} WHERE project_id = :p AND {FAILED_ROW}"),
                             {"p": project_id}).rowcount
     changed = session.execute(
         update(Project).where(Project.id == project_id, Project.status == project.status).values(

@@ -10,8 +10,9 @@ import streamlit as st
 
 from engine import ProjectStatusView, accounts
 from engine.errors import Forbidden
+from engine.nodes import short_id
 from engine.projects import Estimate, Outlook, machine_name, node_label
-from engine.status import NodeHealth, ProjectStatus
+from engine.status import ClusterStatus, NodeHealth, NodeRole, ProjectStatus, TaskStatus
 from portal import errors
 from portal.widgets import (act, ask, ask_later, asking, duration, per_view, progress, rate,
                             status_badge, title)
@@ -38,7 +39,7 @@ def counts(view: ProjectStatusView) -> None:
 def node_health(node) -> None:
     """One node's health in words: checking, ready, or quarantined and why."""
     where = f"{errors.plain(node.attribution)}'s machine {errors.plain(node_machine(node))}" \
-        if node.attribution not in ("head", "unclaimed") else \
+        if node.attribution not in (NodeRole.HEAD, NodeRole.UNCLAIMED) else \
         f"{errors.plain(node_machine(node))} ({node.attribution})"
     if node.health == NodeHealth.QUARANTINED:
         until = f" It will be checked again after {node.quarantined_until}." \
@@ -84,10 +85,10 @@ def _alert_node(node_id: str | None, node) -> str:
     if not node_id:
         return "unknown"
     if node is None:
-        return f"unknown node {node_id[:12]}"
-    if node.attribution == "head":
-        return f"{node_label('head', node.hostname, node.host, node_id)} ({node_id[:12]})"
-    return f"{node_machine(node)} ({node_id[:12]})"
+        return f"unknown node {short_id(node_id)}"
+    if node.attribution == NodeRole.HEAD:
+        return f"{node_label(NodeRole.HEAD.value, node.hostname, node.host, node_id)} ({short_id(node_id)})"
+    return f"{node_machine(node)} ({short_id(node_id)})"
 
 
 def waiting_for_approval(store, settings, name: str) -> bool:
@@ -123,9 +124,9 @@ def verification_counts(view: ProjectStatusView) -> None:
 
 
 def cluster_health(health: dict) -> None:
-    if health["status"] == "online":
+    if health["status"] == ClusterStatus.ONLINE:
         st.caption(f":material/cloud_done: Cluster online: {health['cpus']:g} CPUs")
-    elif health["status"] == "no dispatcher":
+    elif health["status"] == ClusterStatus.NO_DISPATCHER:
         st.warning("No dispatcher is running: submitted projects wait until one runs again "
                    "(`make run` starts it with the portal).", icon=":material/cloud_off:")
     else:
@@ -195,7 +196,7 @@ def error_groups(groups) -> None:
 
 
 def trial_table(trial) -> None:
-    rows = [{"row": r.row, "status": "succeeded" if r.succeeded else "failed",
+    rows = [{"row": r.row, "status": (TaskStatus.SUCCEEDED if r.succeeded else TaskStatus.FAILED).value,
              "output": json.dumps(r.output) if r.succeeded else None,
              "error": errors.readable(r.error), "time": f"{r.seconds * 1000:.1f} ms"}
             for r in trial.rows]

@@ -8,6 +8,7 @@ import json
 import pandas as pd
 import streamlit as st
 
+from engine.nodes import short_id
 from engine.projects import one_line
 from engine.results import MAX_PAGE_CHARS, MAX_SHOWN_CHARS, PREVIEW_CHARS
 from engine.status import ProjectStatus
@@ -154,12 +155,12 @@ def node_rows(registry, *, admin: bool) -> pd.DataFrame:
     (the CLI's ``trust-node`` takes it)."""
     records = []
     for n in registry:
-        record = {"owner": n.attribution, "machine": node_machine(n), "status": n.status,
-                  "health": n.health, "why": errors.readable(n.health_reason),
+        record = {"owner": n.attribution, "machine": node_machine(n), "status": str(n.status),
+                  "health": str(n.health), "why": errors.readable(n.health_reason),
                   "trusted": n.trusted, "CPUs": n.cpus, "sandbox": n.sandbox,
                   "tasks": n.tasks_completed, "last active": n.last_activity,
                   "last seen": n.last_seen}
         if admin:
-            record["id"] = n.node_id[:12]
+            record["id"] = short_id(n.node_id)
         records.append(record)
     return pd.DataFrame(records)

@@ -151,3 +151,119 @@ def test_engine_modules_import_each_other_without_a_cycle():
     done.clear()
     with pytest.raises(AssertionError, match="import cycle"):
         visit("engine.nodes")
+
+
+# -- one status vocabulary ----------------------------------------------------------------
+
+def _status_words() -> set[str]:
+    from engine import status
+
+    vocabularies = (status.ProjectStatus, status.TaskStatus, status.Verification,
+                    status.NodeHealth, status.NodeStatus, status.NodeRole, status.ClusterStatus)
+    return {member.value for vocabulary in vocabularies for member in vocabulary}
+
+
+# Where a status word may still be typed as a string, and how often. Each entry says why;
+# one more occurrence than counted here fails.
+_WORDS_ALLOWED: dict[tuple[str, str], tuple[int, str]] = {
+    # engine.status imports engine.models, so models cannot import the enums back (a cycle);
+    # test_model_defaults_are_the_status_words checks that these are the enums' values.
+    ("engine/models.py", "unverified"): (1, "Task.verification's default"),
+    ("engine/models.py", "unclaimed"): (1, "Node.role's default"),
+    ("engine/models.py", "checking"): (1, "Node.health's default"),
+    ("engine/models.py", "'failed'"): (2, "the partial index's DDL (FAILED_ROW, checked below)"),
+    # Words in sentences or names of things, not stored values.
+    ("engine/cli.py", "volunteer"): (3, "argparse's name of the VOLUNTEER argument"),
+    ("engine/cli.py", "trusted"): (1, "the trust-node message: 'trusted' / 'no longer trusted'"),
+    ("engine/nodes.py", "trusted"): (1, "set_trusted's log message"),
+    ("app_pages/admin.py", "trusted"): (1, "the Trust button's message"),
+    ("app_pages/leaderboard.py", "volunteer"): (1, "the chart's x column, named by the frame"),
+    ("engine/store.py", "trusted"): (1, "a column name in the schema-6 migration"),
+    ("engine/models.py", "volunteer"): (1, "a column name in ix_nodes_volunteer"),
+    ("engine/accounts.py", "volunteer"): (1, "accounts.Role, the accounts' own vocabulary"),
+    ("app_pages/results.py", "failed"): (1, "part of a widget's key (failed rows or all)"),
+    # Files of the dispatcher's split (issue #14), not switched yet: to be removed with it.
+    ("engine/scheduler.py", "online"): (2, "the cluster report: ClusterStatus.ONLINE"),
+    ("engine/scheduler.py", "unavailable"): (2, "the cluster report: ClusterStatus.UNAVAILABLE"),
+    ("engine/store.py", "no dispatcher"): (1, "cluster_health: ClusterStatus.NO_DISPATCHER"),
+    ("engine/store.py", "'checking'"): (1, "schema-6 DDL default: NodeHealth.CHECKING"),
+    ("engine/drivers.py", "head"): (1, "HEAD_ROLE: NodeRole.HEAD"),
+    ("engine/replication.py", "succeeded"): (1, "a replica's status: TaskStatus.SUCCEEDED"),
+    # verification.Decision's verdicts ("verified", "more", "inconclusive") are a vocabulary
+    # of their own that shares two words with Verification; to become an enum there.
+    ("engine/verification.py", "verified"): (1, "Decision's verdict"),
+    ("engine/verification.py", "inconclusive"): (1, "Decision's verdict"),
+    ("engine/replication.py", "verified"): (1, "Decision's verdict"),
+    ("engine/replication.py", "inconclusive"): (1, "Decision's verdict"),
+}
+
+
+def _keys(tree: ast.AST) -> set[int]:
+    """Constants used as a key: of a dict display, or a subscript (column and field names)."""
+    keys = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            keys |= {id(k) for k in node.keys if k is not None}
+        elif isinstance(node, ast.Subscript):
+            keys.add(id(node.slice))
+    return keys
+
+
+def status_words_typed(words: set[str]) -> dict[tuple[str, str], list[int]]:
+    """(file, word) -> lines where a status word is a string literal, or is quoted SQL-style
+    ('failed') inside one, in engine/ (but engine/status.py), portal/ and app_pages/.
+
+    engine/node/ is left out: the node side imports only the standard library, not
+    engine.status, and its words are its own (the child's "ready" message)."""
+    found: dict[tuple[str, str], list[int]] = {}
+    files = [p for folder in ("engine", "portal", "app_pages") for p in (ROOT / folder).rglob("*.py")]
+    for path in files:
+        name = path.relative_to(ROOT).as_posix()
+        if name == "engine/status.py" or name.startswith("engine/node/"):
+            continue
+        tree = ast.parse(path.read_text())
+        keys = _keys(tree)
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)) or id(node) in keys:
+                continue
+            hits = {node.value} & words
+            hits |= {f"'{word}'" for word in words if f"'{word}'" in node.value}
+            for word in hits:
+                found.setdefault((name, word), []).append(node.lineno)
+    return found
+
+
+def test_no_status_word_is_typed_outside_the_status_module():
+    """Statuses, verifications, node health, node roles and the cluster's state are enums in
+    engine/status.py; everywhere else uses them, never their words as strings."""
+    found = status_words_typed(_status_words())
+    extra = {f"{name}:{lines} {word!r}" for (name, word), lines in found.items()
+             if len(lines) > _WORDS_ALLOWED.get((name, word), (0, ""))[0]}
+    assert not extra, "status words typed as strings (use the enums of engine/status.py): " \
+                      + ", ".join(sorted(extra))
+
+
+def test_the_status_word_check_sees_literals(tmp_path, monkeypatch):
+    """The check above finds a word typed in a comparison and inside SQL, not in a dict key."""
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "page.py").write_text(
+        "ok = {'failed': 1}['failed']\n"
+        "if view.status == 'running': pass\n"
+        "sql = \"SELECT 1 FROM tasks WHERE status = 'failed'\"\n")
+    (tmp_path / "portal").mkdir()
+    (tmp_path / "app_pages").mkdir()
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert status_words_typed(_status_words()) == {("engine/page.py", "running"): [2],
+                                                   ("engine/page.py", "'failed'"): [3]}
+
+
+def test_model_defaults_are_the_status_words():
+    """The literals engine.models keeps (it cannot import engine.status) are the enums'."""
+    from engine.models import Node, Task
+    from engine.status import FAILED_ROW, NodeHealth, NodeRole, Verification
+
+    assert Task.__table__.c.verification.default.arg == Verification.UNVERIFIED.value
+    assert Node.__table__.c.role.default.arg == NodeRole.UNCLAIMED.value
+    assert Node.__table__.c.health.default.arg == NodeHealth.CHECKING.value
+    [index] = [i for i in Task.__table__.indexes if i.name == "ix_tasks_failed"]
+    assert {str(index.dialect_options[d]["where"]) for d in ("sqlite", "postgresql")} == {FAILED_ROW}
