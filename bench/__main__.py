@@ -84,7 +84,10 @@ class Stack:
                                         env=self.env, cwd=ROOT, start_new_session=True,
                                         stdout=subprocess.DEVNULL,
                                         stderr=open(workdir / f"serve-{name}.log", "wb"))
+        from sqlalchemy.exc import OperationalError
+
         from engine.settings import Settings
+        from engine.status import ClusterStatus
         from engine.store import Store
 
         self.settings = Settings.from_env(self.env)
@@ -92,9 +95,9 @@ class Stack:
         while True:
             try:
                 self.store = Store(self.settings)
-                if self.store.cluster_health()["status"] == "online":
+                if self.store.cluster_health()["status"] == ClusterStatus.ONLINE:
                     break
-            except Exception:  # the database may not exist for the first few ms
+            except OperationalError:  # "database is locked": serve is creating it
                 pass
             if time.monotonic() > deadline or self.process.poll() is not None:
                 self.stop()
