@@ -1,8 +1,10 @@
 """The one settings object.
 
 Every setting is declared once, as a field of ``Settings`` with its type, default and a
-line of help; its environment variable is ``CONSTELLATION_<NAME>``. ``SETTINGS`` lists
-them (for documentation and the CLI). ``Settings.from_env()`` reads the environment;
+line of help; its environment variable is ``CONSTELLATION_<NAME>``, and the text of that
+variable is read by the parser of the field's type. ``SETTINGS`` is the same declarations
+as ``Setting`` records (name, type, default, environment variable, parser, help), derived
+from the fields, never written apart. ``Settings.from_env()`` reads the environment;
 tests pass overrides. docs/configuration.md lists every setting (a test checks it).
 """
 
@@ -20,14 +22,20 @@ from typing import Any, Callable, Mapping
 
 @dataclass(frozen=True)
 class Setting:
+    """One field of ``Settings``, as documentation and the environment see it."""
+
     name: str
+    type: str                       # the field's annotation, e.g. "int | None"
     default: Any
-    parse: Callable[[str], Any]
+    parse: Callable[[str], Any]     # environment text -> value
     help: str
 
     @property
     def env(self) -> str:
-        return "CONSTELLATION_" + self.name.upper()
+        return ENV_PREFIX + self.name.upper()
+
+
+ENV_PREFIX = "CONSTELLATION_"
 
 
 def _optional_int(text: str) -> int | None:
@@ -221,5 +229,5 @@ def primary_address() -> str:
 
 
 SETTINGS: tuple[Setting, ...] = tuple(
-    Setting(f.name, f.default, _PARSERS[f.type], f.metadata["help"])
+    Setting(f.name, f.type, f.default, _PARSERS[f.type], f.metadata["help"])
     for f in dataclasses.fields(Settings))
