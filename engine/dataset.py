@@ -30,6 +30,11 @@ logger = logging.getLogger(__name__)
 FORMATS = ("csv", "json", "jsonl")
 _EXTENSIONS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
+# A cell may be as long as the upload limit allows: the csv module's default (131,072
+# characters a cell) refused a long document as "field larger than field limit". The
+# limit is the csv module's, for the whole process; raising it loosens nothing else.
+csv.field_size_limit(2**31 - 1)
+
 
 @dataclass
 class Dataset:

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 from conftest import SHARED_DATA
 from engine.dataset import parse_dataset
@@ -87,3 +88,26 @@ def test_bad_datasets_name_the_problem(name, data, expected):
 def test_size_limit():
     with pytest.raises(InvalidDataset, match=r"big.csv: the file is 2000 bytes, above the upload limit of 1000 bytes"):
         parse("big.csv", b"a\n" + b"1\n" * 999, max_bytes=1000)
+
+
+# Pieces of JSON and CSV, valid and not, so that generated files are often nearly right.
+TOKENS = st.sampled_from(['[', ']', '{', '}', '"a"', '"b"', ':', ',', '1', '-', '.', '0', 'e5',
+                          '1e400', 'NaN', '-Infinity', 'true', 'null', '"\\ud800"',
+                          '"\\ud83d\\ude00"', '"x\\ny"', '//', ' ', '\n', '\r\n', '\r', '"',
+                          '\x00', '\ufeff', 'a,b', '08123'])
+INPUTS = st.one_of(st.lists(TOKENS, max_size=30).map(lambda t: "".join(t).encode()),
+                   st.binary(max_size=40), st.text(max_size=40).map(str.encode))
+
+
+@hypothesis_settings(max_examples=400, deadline=None, database=None, derandomize=True)
+@given(st.sampled_from(["d.csv", "d.json", "d.jsonl"]), INPUTS)
+def test_any_file_gives_rows_that_can_be_stored_or_a_refusal_naming_it(name, data):
+    """No input raises anything but InvalidDataset, and what is accepted is stored as JSON
+    (no NaN or infinity, no lone surrogate) as submit_project stores it."""
+    try:
+        dataset = parse(name, data)
+    except InvalidDataset as exc:
+        assert str(exc).startswith((f"{name}: ", f"{name}, line ", f"{name}, item ")), str(exc)
+        return
+    assert dataset.rows and all(len(row) == len(dataset.columns) for row in dataset.rows)
+    json.dumps(dataset.rows, allow_nan=False, ensure_ascii=False).encode()

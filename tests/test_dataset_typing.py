@@ -59,6 +59,8 @@ EDGE_CASES = [
     (["123456789012345678", "1.5"], [1.2345678901234568e17, 1.5],           # an id among decimals
      [123456789012345678, 1.5]),
     (["12345678901234567890"], [12345678901234567890], ["12345678901234567890"]),  # past 64 bits
+    (["9223372036854775808"], [9223372036854775808], ["9223372036854775808"]),    # 2**63: 19 digits
+    (["-9223372036854775809"], ["-9223372036854775809"], ["-9223372036854775809"]),
     (["0.1000000000000000055"], [0.1], ["0.1000000000000000055"]),           # more than a float holds
     (["2.50", "1.10"], [2.5, 1.1], ["2.50", "1.10"]),                        # versions, precision
     (["1.", ".5"], [1.0, 0.5], ["1.", ".5"]),
@@ -211,6 +213,8 @@ CELLS = [
     st.integers(-2**70, 2**70).map(str),
     st.floats(allow_nan=False, allow_infinity=False).map(repr),
     NUMBERS,                                                                 # ints among decimals
+    st.one_of(st.integers(2**63 - 3, 10**19 - 1),                           # 19 digits, 64 bits
+              st.integers(-(10**19 - 1), -2**63 + 2)).map(str),              # and past them
     st.floats().map(str),
     DIGITS.map(lambda d: "0" + d),                                           # leading zeros
     DIGITS.map(lambda d: "+" + d),                                           # phone numbers
@@ -326,6 +330,12 @@ def test_a_nul_anywhere_is_refused_with_its_line(table, data):
     with pytest.raises(InvalidDataset) as caught:
         parse(text.encode())
     assert str(caught.value).startswith(f"d.csv, line {line}: a NUL character (byte 0x00)")
+
+
+def test_a_cell_longer_than_the_csv_modules_default_limit_is_kept():
+    document = "word " * 40_000 + "\r\nnext line"  # 200,010 characters, past 131,072
+    dataset = parse(b'id,text\r\n1,"' + document.encode() + b'"\r\n2,short\r\n')
+    assert dataset.rows == [[1, document], [2, "short"]]
 
 
 def test_only_a_leading_bom_is_dropped():
