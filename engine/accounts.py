@@ -50,13 +50,10 @@ LOCAL_ADDRESS = "local"  # what Streamlit reports for a browser on the portal's 
 MAX_PASSWORD_BYTES = 72
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     RESEARCHER = "researcher"
     VOLUNTEER = "volunteer"
     ADMIN = "admin"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 SELF_SERVICE_ROLES = frozenset({Role.RESEARCHER, Role.VOLUNTEER})

@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from engine import accounts, cluster, export, projects
 from engine.errors import ConstellationError
@@ -152,6 +153,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def _print(args, views: list, line: Callable[[Any], str]) -> int:
+    """A listing on stdout: with ``--json`` one JSON array of the views, else one line each."""
+    if args.json:
+        print(json.dumps([v.to_dict() for v in views]))
+    else:
+        for v in views:
+            print(line(v))
+    return 0
+
+
 def _actor(store: Store, owner: str | None):
     return accounts.get_user(store, owner) if owner else accounts.local_admin(store)
 
@@ -258,12 +269,8 @@ def _backup(args, settings: Settings) -> int:
 def _list(args, settings: Settings) -> int:
     store = Store(settings)
     views = projects.list_projects(store, accounts.local_admin(store))
-    if args.json:
-        print(json.dumps([v.to_dict() for v in views]))
-    else:
-        for v in views:
-            print(f"{v.id}\t{v.status}\t{v.rows_succeeded + v.rows_failed}/{v.rows_total}\t{v.title}")
-    return 0
+    return _print(args, views, lambda v: f"{v.id}\t{v.status}\t{v.rows_succeeded + v.rows_failed}"
+                                         f"/{v.rows_total}\t{v.title}")
 
 
 def _user(args, settings: Settings) -> int:
@@ -275,11 +282,8 @@ def _user(args, settings: Settings) -> int:
         print(f"user {user.name} added ({user.roles})")
     elif args.user_command == "list":
         views = accounts.list_users(store, accounts.local_admin(store))
-        if args.json:
-            print(json.dumps([v.to_dict() for v in views]))
-        else:
-            for v in views:
-                print(f"{v.name}\t{','.join(v.roles)}\t{'disabled' if v.disabled else 'active'}\t{v.email}")
+        _print(args, views, lambda v: f"{v.name}\t{','.join(v.roles)}\t"
+                                      f"{'disabled' if v.disabled else 'active'}\t{v.email}")
     elif args.user_command == "enable":
         accounts.enable_user(store, accounts.local_admin(store), args.name)
         print(f"user {args.name} enabled")
@@ -334,16 +338,10 @@ def _nodes(args, settings: Settings) -> int:
 
     store = Store(settings)
     credit.refresh(store)  # the dispatcher may not be running to keep the counts fresh
-    views = nodes.list_nodes(store)
-    if args.json:
-        print(json.dumps([v.to_dict() for v in views]))
-    else:
-        for v in views:
-            health = v.health + (f" ({v.health_reason})" if v.health_reason else "")
-            print(f"{nodes.short_id(v.node_id)}\t{v.status}\t{v.attribution}\t{v.cpus:g} CPUs\t"
-                  f"{v.tasks_completed} tasks\t{v.host}\t{health}"
-                  + ("\ttrusted" if v.trusted else ""))
-    return 0
+    return _print(args, nodes.list_nodes(store), lambda v: (
+        f"{nodes.short_id(v.node_id)}\t{v.status}\t{v.attribution}\t{v.cpus:g} CPUs\t"
+        f"{v.tasks_completed} tasks\t{v.host}\t{v.health}"
+        + (f" ({v.health_reason})" if v.health_reason else "") + ("\ttrusted" if v.trusted else "")))
 
 
 def _trust_node(args, settings: Settings) -> int:
@@ -359,13 +357,8 @@ def _leaderboard(args, settings: Settings) -> int:
 
     store = Store(settings)
     credit.refresh(store)
-    rows = credit.leaderboard(store, args.window)
-    if args.json:
-        print(json.dumps([r.to_dict() for r in rows]))
-    else:
-        for r in rows:
-            print(f"{r.rank}\t{r.volunteer}\t{r.credit:.6f}\t{r.tasks} tasks\t{r.nodes} nodes")
-    return 0
+    return _print(args, credit.leaderboard(store, args.window), lambda r: (
+        f"{r.rank}\t{r.volunteer}\t{r.credit:.6f}\t{r.tasks} tasks\t{r.nodes} nodes"))
 
 
 def _init(args, settings: Settings) -> int:

@@ -39,7 +39,7 @@ from engine.quota import StorageQuota, added_bytes, new_rows, over_quota, result
 logger = logging.getLogger(__name__)
 
 
-class ProjectStatus(str, enum.Enum):
+class ProjectStatus(enum.StrEnum):
     SUBMITTED = "submitted"
     RUNNING = "running"
     COMPLETE = "complete"
@@ -49,24 +49,18 @@ class ProjectStatus(str, enum.Enum):
     def is_terminal(self) -> bool:
         return self in _TERMINAL
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class TaskStatus(str, enum.Enum):
+class TaskStatus(enum.StrEnum):
     PENDING = "pending"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
-
-    def __str__(self) -> str:
-        return self.value
 
     def is_terminal(self) -> bool:
         """Whether the row has its outcome (a re-run of failed rows starts it again)."""
         return self is not TaskStatus.PENDING
 
 
-class Verification(str, enum.Enum):
+class Verification(enum.StrEnum):
     """How a row's stored result was accepted (see ``engine.verification``)."""
 
     VERIFIED = "verified"                # replicas of different parties agreed
@@ -78,11 +72,8 @@ class Verification(str, enum.Enum):
     def is_accepted(self) -> bool:
         return self in (Verification.VERIFIED, Verification.BY_TRUST, Verification.TRUSTED)
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class NodeHealth(str, enum.Enum):
+class NodeHealth(enum.StrEnum):
     """Whether a node may get work. Changed by ``engine.health``, and to ``REMOVED`` by
     ``engine.drivers`` alone."""
 
@@ -91,22 +82,16 @@ class NodeHealth(str, enum.Enum):
     QUARANTINED = "quarantined"  # failed its check or batches; no work until its back-off ends
     REMOVED = "removed"          # a rogue driver came through it (engine.drivers): no work, ever
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class NodeStatus(str, enum.Enum):
+class NodeStatus(enum.StrEnum):
     """Whether a node is in the cluster now (``NodeView.status``); whether it may get work
     is its ``NodeHealth``."""
 
     ONLINE = "online"
     OFFLINE = "offline"      # it left, or the head restarted and forgot it; it stays listed
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class NodeRole(str, enum.Enum):
+class NodeRole(enum.StrEnum):
     """Who answers for a node's results (the registry's ``role``).
 
     A node belongs to the head (the operator's machine; nodes an admin trusts answer as
@@ -119,20 +104,14 @@ class NodeRole(str, enum.Enum):
     VOLUNTEER = "volunteer"
     UNCLAIMED = "unclaimed"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class ClusterStatus(str, enum.Enum):
+class ClusterStatus(enum.StrEnum):
     """How the cluster is doing, as the dispatcher reports it through its lease row
     (``Store.cluster_health``)."""
 
     ONLINE = "online"
     UNAVAILABLE = "unavailable"        # the Ray head is not answering
     NO_DISPATCHER = "no dispatcher"    # no live lease: nothing runs
-
-    def __str__(self) -> str:
-        return self.value
 
 
 # The error of a row whose batch failed on too many nodes for reasons of the nodes. Such
