@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from typing import Any
+from typing import Any, Callable
 
 from engine.errors import InvalidDataset
 
@@ -22,12 +22,13 @@ from engine.errors import InvalidDataset
 NESTING_LIMIT = 100
 
 
-def _rows_from_objects(name: str, objects: list[Any], where: list[str]) -> tuple[list, list]:
+def _rows_from_objects(objects: list[Any], place: Callable[[int], str]) -> tuple[list, list]:
+    """Columns in order of first appearance, and rows; ``place(i)`` says where object i is."""
     columns: dict[str, None] = {}
-    for obj, place in zip(objects, where):
+    for index, obj in enumerate(objects):
         if not isinstance(obj, dict):
             raise InvalidDataset(
-                f"{name}, {place}: expected an object ({{...}}), found {_json_type(obj)}")
+                f"{place(index)}: expected an object ({{...}}), found {_json_type(obj)}")
         for key in obj:
             columns.setdefault(key, None)
     names = list(columns)
@@ -47,17 +48,19 @@ def rows_from_json(name: str, text: str) -> tuple[list[str], list[list[Any]]]:
         raise _json_refusal(name, text, text, 0, exc, lines=False) from None
     if not isinstance(document, list):
         raise InvalidDataset(
-            f"{name}: expected a JSON array of objects ([{{...}}, ...]), found {_json_type(document)}")
+            f"{_place(name, text, _JSON_SPACE.match(text).end())}: expected a JSON array of "
+            f"objects ([{{...}}, ...]), found {_json_type(document)}")
     if not document:
         raise InvalidDataset(f"{name}: the array is empty: there are no rows")
-    columns, rows = _rows_from_objects(name, document, [f"item {i}" for i in range(len(document))])
+    columns, rows = _rows_from_objects(
+        document, lambda i: f"{_place(name, text, _item_start(text, i))} (item {i})")
     _check_values(name, text, rows, outside=len(rows) + 1)
     return columns, rows
 
 
 def rows_from_json_lines(name: str, text: str) -> tuple[list[str], list[list[Any]]]:
     """The columns and rows of JSON Lines, one object per line, or ``InvalidDataset``."""
-    objects, where = [], []
+    objects, numbers = [], []
     decode = _DECODER.decode
     # Lines end at \n only (a trailing \r is JSON whitespace). str.splitlines() would also
     # split at U+2028 and other separators, which JSON strings may hold as they are.
@@ -68,10 +71,10 @@ def rows_from_json_lines(name: str, text: str) -> tuple[list[str], list[list[Any
             except (ValueError, RecursionError) as exc:
                 raise _json_refusal(name, line, text, _line_start(text, number), exc,
                                     lines=True) from None
-            where.append(f"line {number}")
+            numbers.append(number)
     if not objects:
         raise InvalidDataset(f"{name}: the file has no rows")
-    columns, rows = _rows_from_objects(name, objects, where)
+    columns, rows = _rows_from_objects(objects, lambda i: f"{name}, line {numbers[i]}")
     _check_values(name, text, rows, outside=len(rows))
     return columns, rows
 
@@ -157,6 +160,21 @@ def _json_problem(part: str, exc: json.JSONDecodeError, lines: bool) -> str:
 
 _STRING = '"(?:[^"\\\\]|\\\\.)*"'
 _BRACKETS = re.compile(f'{_STRING}|[\\[\\]{{}}]')
+_ITEM_MARKS = re.compile(f'{_STRING}|[\\[\\]{{}},]')
+_JSON_SPACE = re.compile("[ \t\n\r]*")  # JSON's whitespace, no other
+
+
+def _item_start(text: str, index: int) -> int:
+    """The offset of item ``index`` of the file's array (slow: error path)."""
+    depth, count = 0, -1
+    for match in _ITEM_MARKS.finditer(text):
+        char = match.group()
+        depth += (char in "[{") - (char in "]}")
+        if depth == 1 and char in "[,":  # the file's own [, or a comma between its items
+            count += 1
+            if count == index:
+                return _JSON_SPACE.match(text, match.end()).end()
+    return 0  # not expected: the text parsed as an array with that many items
 _CONSTANTS_AND_NUMBERS = re.compile(f'{_STRING}|(NaN|-?Infinity)|(-?[0-9][0-9.eE+-]*)')
 
 

@@ -87,6 +87,10 @@ GENERATED = {
     "long_integer.json": (b'[{"a": ' + b"7" * 5000 + b"}]",
                           "line 1, column 8: a number of 5000 digits; expected at most 4300, "
                           "the most Python reads"),
+    "item_not_object.json": (b'[\n  {"a": "[,]"},\n  {"b": [1, {"c": ","}]},\n  "x"\n]',
+                             "line 4, column 3 (item 2): expected an object ({...}), found a string"),
+    "not_an_array.json": (b'\n  {"a": 1}', "line 2, column 3: expected a JSON array of objects "
+                                          "([{...}, ...]), found an object"),
 }
 
 
