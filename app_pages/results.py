@@ -1,14 +1,12 @@
 """A project's results: a paged table, failed rows, errors by type, downloads."""
 
-import io
-
 import streamlit as st
 
-from engine import Role, export_results, list_projects, project_status
+from engine import Role, list_projects, project_status
 from engine.errors import NotFound
 from engine.projects import one_line
 from engine.results import error_groups, failed_page, full_output, results_page
-from portal import auth, errors, panels, state, tables, widgets
+from portal import auth, downloads, errors, panels, state, tables, widgets
 
 user = auth.require(Role.RESEARCHER)
 store = state.store()
@@ -67,23 +65,18 @@ with errors.shown():
 panels.error_groups(groups)
 
 st.subheader("Download")
+st.caption("The whole project, every row, as a file; it is written as it downloads, however "
+           "large the project. Each link works for your account only, for "
+           f"{downloads.LINK_SECONDS // 60} minutes (this page renews them).")
 
 
-def _export(fmt: str):
-    def generate() -> str:
-        out = io.StringIO()
-        export_results(store, user, project_id, fmt, out)
-        return out.getvalue()
-    return generate
+@st.fragment(run_every=downloads.REFRESH_SECONDS)
+@errors.guarded
+def download_links() -> None:
+    # Links to the portal's download route (portal.downloads), signed for the account
+    # looked up again now: a rerun after Sign out or disabling renders none.
+    viewer = auth.require(Role.RESEARCHER)
+    st.html(downloads.links_html(state.settings(), viewer, project_id))
 
 
-# on_click="ignore": a download needs no rerun, and a rerun that ends before the browser
-# fetches the generated file prunes that file (Streamlit keeps a deferred download only
-# while a run references it), so the click would download nothing.
-left, right = st.columns(2)
-left.download_button("Download CSV", data=_export("csv"), file_name=f"project-{project_id}.csv",
-                     mime="text/csv", icon=":material/download:", key="download_csv",
-                     on_click="ignore")
-right.download_button("Download JSON", data=_export("json"), file_name=f"project-{project_id}.json",
-                      mime="application/json", icon=":material/download:", key="download_json",
-                      on_click="ignore")
+download_links()
