@@ -9,7 +9,7 @@ import streamlit as st
 
 from engine import Role, accounts, cancel_project, drivers, list_projects, nodes, verification
 from engine.projects import one_line
-from engine.status import NodeHealth, NodeRole, NodeStatus, ProjectStatus
+from engine.status import NodeHealth, NodeStatus, ProjectStatus
 from portal import auth, errors, panels, state, tables, widgets
 
 user = auth.require(Role.ADMIN)
@@ -144,7 +144,7 @@ with nodes_tab:
             if n.status == NodeStatus.ONLINE and n.health == NodeHealth.QUARANTINED:
                 panels.node_health(n)
         st.dataframe(tables.node_rows(registry, admin=True), hide_index=True)
-        volunteers_nodes = [n for n in registry if n.attribution not in (NodeRole.HEAD, NodeRole.UNCLAIMED)]
+        volunteers_nodes = [n for n in registry if n.volunteer_owned]
         if volunteers_nodes:
             left, right = st.columns([3, 2], vertical_alignment="bottom")
             by_id = {n.node_id: n for n in volunteers_nodes}

@@ -414,6 +414,11 @@ class NodeView:
     quarantined_until: str | None = None
     trusted: bool = False            # the head, or an operator's machine an admin trusts
 
+    @property
+    def volunteer_owned(self) -> bool:
+        """Whether a volunteer answers for it (not the head, not unclaimed)."""
+        return self.attribution not in (NodeRole.HEAD, NodeRole.UNCLAIMED)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -39,7 +39,7 @@ def counts(view: ProjectStatusView) -> None:
 def node_health(node) -> None:
     """One node's health in words: checking, ready, or quarantined and why."""
     where = f"{errors.plain(node.attribution)}'s machine {errors.plain(node_machine(node))}" \
-        if node.attribution not in (NodeRole.HEAD, NodeRole.UNCLAIMED) else \
+        if node.volunteer_owned else \
         f"{errors.plain(node_machine(node))} ({node.attribution})"
     if node.health == NodeHealth.QUARANTINED:
         until = f" It will be checked again after {node.quarantined_until}." \
