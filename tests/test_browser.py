@@ -138,12 +138,29 @@ def outside_requests(page, stack) -> list[str]:
 
 def sign_in_here(main, name: str, password: str = "a long password") -> None:
     """Fill the sign-in form on the page (the Sign in page, or a page refused to visitors),
-    once the app has settled: a click during the cookie component's rerun is lost (CI lost
-    one: the form stayed filled, nobody signed in)."""
-    settled(main.page)
-    field(main, "User name").fill(name)
-    field(main, "Password").fill(password)
-    main.get_by_role("button", name="Sign in").click()
+    once the app has settled, and click until the sidebar says NAME is signed in: a click
+    during the cookie component's rerun is lost (CI lost one: the form stayed filled,
+    nobody signed in)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    button, marker = main.get_by_role("button", name="Sign in"), signed_in_as(main.page, name)
+    deadline = time.monotonic() + STEP_MS / 1000
+    while True:
+        settled(main.page)
+        field(main, "User name").fill(name)
+        field(main, "Password").fill(password)
+        button.click()
+        try:
+            marker.wait_for(state="visible", timeout=15_000)
+            return
+        except PlaywrightTimeout:
+            # Under two busy loops CI lost a click even after the app had settled: the
+            # form stayed filled and the portal's log shows no sign-in. Every caller signs
+            # in with the right password, so a second click cannot count as a wrong guess.
+            assert time.monotonic() < deadline, f"{name} was never signed in"
+            if not button.is_visible():
+                marker.wait_for(state="visible", timeout=STEP_MS)
+                return
 
 
 def cli(stack, *args, stdin: str = "") -> str:

@@ -21,7 +21,8 @@ from sqlalchemy import select
 from conftest import (project_ended as ended, run_to_end, short_tempdir,
                       submit_numbers as submit)
 from engine import accounts, cluster, projects
-from engine.models import NodeScriptFailure, Task
+from engine.models import Node, NodeScriptFailure, Task
+from engine.status import NodeHealth
 from engine.scheduler import Dispatcher
 from volunteer_cluster import assert_clean_node, plain_join_command, start_node
 from volunteer_env import base_python, volunteer_home, volunteer_python
@@ -149,14 +150,39 @@ def _venv_with_extra_module(module_name: str, module_source: str) -> tuple[Path,
     return home, venv / "bin"
 
 
+def _submit_once_both_ready(store, settings, submit_project, timeout: float = 180) -> int:
+    """Run a dispatcher; once it has found two nodes ready, submit; return when it ended."""
+    submitted: list[int] = []
+    thread = threading.Thread(target=lambda: Dispatcher(store, settings).run(
+        until=lambda: bool(submitted) and ended(store, submitted[0])), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while True:
+        with store.session() as s:
+            ready = s.execute(select(Node.node_id).where(
+                Node.online, Node.health == NodeHealth.READY)).all()
+        if len(ready) >= 2:
+            break
+        assert time.monotonic() < deadline, "the dispatcher did not find both nodes ready"
+        time.sleep(0.3)
+    submitted.append(submit_project())
+    thread.join(timeout)
+    assert not thread.is_alive(), "the project did not end in time"
+    return submitted[0]
+
+
 def test_script_importing_a_missing_package_runs_where_it_can(store, open_settings):
     home, venv_bin = _venv_with_extra_module("only_on_some_nodes", "VALUE = 41\n")
     node = WorkerNode(open_settings, cpus=1, venv_bin=venv_bin, home=home)
     source = (b"import time\nimport only_on_some_nodes\n\ndef main(row):\n    time.sleep(0.02)\n"
               b"    return row['x'] + only_on_some_nodes.VALUE\n")
     try:
-        pid = submit(store, open_settings, "needs_package.py", 200, source=source, batch_size=10)
-        view = run_to_end(store, open_settings, pid)
+        # Submitted once the dispatcher has checked both nodes: the head, which lacks the
+        # package, must get batches too (on a loaded machine its check can take longer than
+        # the whole project takes on the other node).
+        pid = _submit_once_both_ready(store, open_settings, lambda: submit(
+            store, open_settings, "needs_package.py", 200, source=source, batch_size=10))
+        view = projects.project_status(store, accounts.local_admin(store), pid)
         assert (view.status, view.rows_succeeded) == ("complete", 200), view.error
         assert set(node_of_rows(store, pid).values()) == {node.node_id}
         with store.session() as s:
