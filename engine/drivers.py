@@ -108,6 +108,19 @@ def watch(store: Store, drivers: Iterable[Driver], drain: Callable[[str], None],
     return raised
 
 
+def answer_rogues(store: Store, drain: Callable[[str], None]) -> list[Answer]:
+    """Read Ray's drivers and answer those that are not Constellation's (``watch``).
+
+    The GCS may be restarting: then nothing is read, and the next call tries again.
+    """
+    try:
+        found = read_drivers()
+    except Exception as exc:
+        logger.warning("drivers: cannot read Ray's drivers: %s", exc)
+        return []
+    return watch(store, found, drain)
+
+
 def _answer(store: Store, driver: Driver, drain: Callable[[str], None]) -> Answer | None:
     with store.session() as session:
         node = session.get(Node, driver.node_id)

@@ -154,7 +154,7 @@ class NodeHealthBook:
                 failure = ray_failure(exc)[1]
                 report = BatchReport(node_id, failure=BatchFailure(
                     failure.kind, f"the node check failed: {failure.message}"))
-            self._checked(node_id, report)
+            self.checked(node_id, report)
         for ref, (node_id, deadline) in list(self._checks.items()):
             if node_id not in alive:
                 ray.cancel(ref, force=True)
@@ -191,7 +191,8 @@ class NodeHealthBook:
         record = self._records.setdefault(node_id, _Record())
         record.health, record.reason = NodeHealth.REMOVED, reason
 
-    def _checked(self, node_id: str, report: BatchReport) -> None:
+    def checked(self, node_id: str, report: BatchReport) -> None:
+        """What the node check on ``node_id`` found: a pass makes it ready."""
         if self._is_removed(node_id):
             return
         if report.facts:

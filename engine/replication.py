@@ -2,7 +2,8 @@
 
 ``ReplicaTracker`` holds, in memory, the replicas of rows not yet decided; ``settle``
 stores a volunteer's replicas and what they decide; ``recover`` reloads the undecided
-ones after a restart.
+ones after a restart. When the store refuses a settlement, ``unchanged_on_error`` puts the
+tracker back as it was, so that the same replicas can be settled again (``engine.recorder``).
 
 Rows are first sent anywhere (except unclaimed nodes). When a volunteer's results come
 back, each row is decided (``engine.verification.decide``) or needs another replica,
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from typing import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -120,6 +122,34 @@ class ReplicaTracker:
 
     def waiting_rows(self) -> int:
         return sum(len(rows) for rows in self.waiting.values())
+
+    @contextmanager
+    def unchanged_on_error(self, rows: Iterable[int]) -> Iterator[None]:
+        """Undo what happens to ``rows`` in the block if it raises.
+
+        ``settle`` adds the replicas here before the store has them; when the store then
+        refuses them (a full disk, a locked database), the tracker must not remember them
+        either, or settling them again would find them already counted.
+        """
+        rows = set(rows)
+        received = {row: list(self.received[row]) for row in rows if row in self.received}
+        spot_checked = rows & self.spot_checked
+        waiting = {used: waiting & rows for used, waiting in self.waiting.items()}
+        rng = self.rng.getstate()
+        try:
+            yield
+        except BaseException:
+            for row in rows:
+                self.received.pop(row, None)
+            self.received.update(received)
+            self.spot_checked = (self.spot_checked - rows) | spot_checked
+            for used in list(self.waiting):
+                if used not in waiting:
+                    del self.waiting[used]
+                else:
+                    self.waiting[used] = (self.waiting[used] - rows) | waiting[used]
+            self.rng.setstate(rng)
+            raise
 
     def _forget(self, row: int) -> None:
         self.received.pop(row, None)

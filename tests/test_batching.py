@@ -43,11 +43,12 @@ def test_slow_rows_that_use_no_cpu_still_make_small_batches():
 ])
 def test_batches_carry_exactly_their_rows_across_chunks(store, settings, start, end, whole):
     """A batch's rows travel as stored chunks (whole) or values cut from partly covered ones."""
-    from engine.scheduler import Dispatcher
+    from engine.courier import batch_parts
     from engine.node.batch import batch_rows
 
     pid = submit_numbers(store, settings, "square.py", 2500)  # chunks at rows 0, 1000, 2000
-    parts = Dispatcher(store, settings)._parts(pid, start, end)
+    with store.session() as session:
+        parts = batch_parts(session, pid, start, end)
     assert [first for first, part in parts if isinstance(part, str)] == whole
     assert batch_rows(start, end, None, parts) == [(i, [i]) for i in range(start, end)]
     if (start, end) == (990, 2010):  # a replica follow-up names its rows

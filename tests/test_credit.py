@@ -323,9 +323,9 @@ def test_the_dispatcher_sums_credit_on_its_own_thread_one_refresh_at_a_time(stor
 
     monkeypatch.setattr(credit, "refresh", slow_refresh)
     dispatcher = Dispatcher(store, settings)
-    dispatcher._refresh_credit()
+    thread = dispatcher.refresh_credit()
     assert started.wait(10)
-    dispatcher._refresh_credit()  # still summing: no second refresh
+    assert dispatcher.refresh_credit() is thread  # still summing: no second refresh
     release.set()
-    dispatcher._credit_thread.join(10)
+    thread.join(10)
     assert calls == ["credit"]

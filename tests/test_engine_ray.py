@@ -140,7 +140,7 @@ def test_a_cancelled_batch_stops_its_child_and_keeps_its_ray_worker(cluster_sett
 
     from engine import cluster
     from engine.node.executor import Limits
-    from engine.scheduler import _stop
+    from engine.courier import stop_batch
     from engine.node.entry import run_batch
 
     cluster.connect(cluster_settings)
@@ -157,7 +157,7 @@ def test_a_cancelled_batch_stops_its_child_and_keeps_its_ray_worker(cluster_sett
     worker = sleeping[0]
     while not table[worker][1].startswith("ray::"):
         worker = table[worker][0]
-    _stop(ref)
+    stop_batch(ref)
     with pytest.raises(TaskCancelledError):
         ray.get(ref, timeout=30)
     deadline = time.monotonic() + 10

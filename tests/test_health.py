@@ -44,7 +44,7 @@ def test_code_that_cannot_load_quarantines_at_once_with_its_reason(book, store):
 
 def test_one_crash_is_bad_luck_the_second_in_a_row_quarantines(book, store):
     node = "a" * 56
-    book._checked(node, BatchReport(node))  # passed its check: ready
+    book.checked(node, BatchReport(node))  # passed its check: ready
     book.batch_failed(node, CRASH)
     assert book.ready(node) and stored(store, node)[2] == 1
     book.batch_failed(node, CRASH)
@@ -53,7 +53,7 @@ def test_one_crash_is_bad_luck_the_second_in_a_row_quarantines(book, store):
 
 def test_a_success_in_between_resets_the_count(book):
     node = "a" * 56
-    book._checked(node, BatchReport(node))
+    book.checked(node, BatchReport(node))
     book.batch_failed(node, CRASH)
     book.batch_succeeded(node)
     book.batch_failed(node, CRASH)
@@ -66,17 +66,17 @@ def test_the_back_off_doubles_while_it_keeps_failing_up_to_the_maximum(book, sto
     for _ in range(4):
         book.batch_failed(node, UNLOADABLE)
         periods.append(round(stored(store, node)[3] - time.time()))
-        book._checked(node, BatchReport(node))  # its check passed after the back-off
+        book.checked(node, BatchReport(node))  # its check passed after the back-off
     assert periods == [10, 20, 25, 25]
 
 
 def test_a_check_that_fails_quarantines_and_one_that_passes_releases(book, store):
     node = "b" * 56
     assert book.blocked({node}) == {node}  # never checked: no work yet
-    book._checked(node, BatchReport(node, failure=BatchFailure(
+    book.checked(node, BatchReport(node, failure=BatchFailure(
         FailureKind.SANDBOX_UNAVAILABLE, "bubblewrap is not installed on this machine")))
     assert stored(store, node)[:2] == ("quarantined", "bubblewrap is not installed on this machine")
-    book._checked(node, BatchReport(node, facts={"sandbox": "available"}))
+    book.checked(node, BatchReport(node, facts={"sandbox": "available"}))
     assert book.ready(node) and stored(store, node)[:2] == ("ready", None)
 
 
@@ -123,6 +123,6 @@ def test_the_dispatchers_waiting_notice_names_nodes_as_people_read_them(store, s
                          hostname="laptop.lan", first_seen=now, last_seen=now))
     dispatcher = Dispatcher(store, settings)
     dispatcher.health.batch_failed(node, UNLOADABLE)
-    assert dispatcher.health.reasons({node, stranger}, dispatcher._node_label) == [
+    assert dispatcher.health.reasons({node, stranger}, dispatcher.placement.label) == [
         f"vic · laptop is quarantined: {UNLOADABLE.message}",
         f"unknown node {stranger[:8]} is being checked"]

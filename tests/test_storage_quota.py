@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import func, inspect, select, text
@@ -174,12 +173,11 @@ def test_the_dispatcher_stores_results_under_the_settings_quota(store):
     """The dispatcher's store step (no Ray needed for it) passes the settings' quota."""
     dispatcher = Dispatcher(store, store.settings)
     pid = running(store, "ada")
-    run = SimpleNamespace(project_id=pid)
-    dispatcher._store(run, [big(0, 600 * KB)], NODE)
-    dispatcher._store(run, [big(1, 600 * KB)], NODE)
+    dispatcher.writer.record(pid, [big(0, 600 * KB)], NODE)
+    dispatcher.writer.record(pid, [big(1, 600 * KB)], NODE)
     assert project(store, pid).status == ProjectStatus.FAILED
     assert stored_rows(store, pid) == [0]
-    assert dispatcher._unstored == []  # refused, not waiting to be written again
+    assert not dispatcher.writer.pending()  # refused, not waiting to be written again
 
 
 def test_a_version_5_database_counts_what_its_projects_hold(store, settings):
