@@ -182,9 +182,7 @@ _WORDS_ALLOWED: dict[tuple[str, str], tuple[int, str]] = {
     ("engine/models.py", "volunteer"): (1, "a column name in ix_nodes_volunteer"),
     ("engine/accounts.py", "volunteer"): (1, "accounts.Role, the accounts' own vocabulary"),
     ("app_pages/results.py", "failed"): (1, "part of a widget's key (failed rows or all)"),
-    # Files of the dispatcher's split (issue #14), not switched yet: to be removed with it.
-    ("engine/scheduler.py", "online"): (2, "the cluster report: ClusterStatus.ONLINE"),
-    ("engine/scheduler.py", "unavailable"): (2, "the cluster report: ClusterStatus.UNAVAILABLE"),
+    # Files not switched yet (issue #14): to be removed as they are.
     ("engine/store.py", "no dispatcher"): (1, "cluster_health: ClusterStatus.NO_DISPATCHER"),
     ("engine/store.py", "'checking'"): (1, "schema-6 DDL default: NodeHealth.CHECKING"),
     ("engine/drivers.py", "head"): (1, "HEAD_ROLE: NodeRole.HEAD"),
