@@ -128,6 +128,13 @@ def project_median(session, project_id: int) -> tuple[float, int]:
     return sum(middle) / len(middle), count
 
 
+def refresh_interval(entry: ProjectCredit) -> float:
+    """How long a running project's sums stand before they are summed again: at least
+    ``_MIN_REFRESH_SECONDS``, and 20 times what the last summing took, so that summing a
+    large project never takes more than a twentieth of the time."""
+    return max(_MIN_REFRESH_SECONDS, _REFRESH_COST_FACTOR * entry.refresh_seconds)
+
+
 def refresh(store: Store, *, force: bool = False) -> int:
     """Bring the credit tables up to date with ``tasks``; returns how many projects were summed."""
     now = time.time()
@@ -144,8 +151,7 @@ def refresh(store: Store, *, force: bool = False) -> int:
             if entry.snapshot == snapshot:
                 continue
             running = not ProjectStatus(status).is_terminal()
-            wait = max(_MIN_REFRESH_SECONDS, _REFRESH_COST_FACTOR * entry.refresh_seconds)
-            if running and now - entry.refreshed_at < wait:
+            if running and now - entry.refreshed_at < refresh_interval(entry):
                 continue
         _sum_project(store, pid, snapshot)
         summed += 1
