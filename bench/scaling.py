@@ -128,6 +128,16 @@ def _timed_dispatcher(store, settings):
             super().__init__(*args)
             self.steps = {"dispatch": 0.0, "finish": 0.0, "store": 0.0, "store_wall": 0.0}
             self.batches = 0
+            # Every result reaches the store through the one writer (engine.recorder).
+            record = self.writer.record
+
+            def timed_record(*args, **kwargs):
+                started, wall = time.thread_time(), time.perf_counter()
+                record(*args, **kwargs)
+                self.steps["store"] += time.thread_time() - started
+                self.steps["store_wall"] += time.perf_counter() - wall
+
+            self.writer.record = timed_record
 
         def _dispatch(self, run, batch):
             started = time.thread_time()
@@ -139,12 +149,6 @@ def _timed_dispatcher(store, settings):
             started = time.thread_time()
             super()._finish(run, batch, ref)
             self.steps["finish"] += time.thread_time() - started
-
-        def _store(self, run, results, node_id):
-            started, wall = time.thread_time(), time.perf_counter()
-            super()._store(run, results, node_id)
-            self.steps["store"] += time.thread_time() - started
-            self.steps["store_wall"] += time.perf_counter() - wall
 
     return Timed(store, settings)
 

@@ -276,7 +276,7 @@ class Outlook:
 def outlook(store: Store, settings: Settings, replication: int) -> Outlook:
     """What a project with ``replication`` would wait for if submitted now, from the
     dispatcher's report and the node registry, as the dispatcher decides it (see
-    ``Dispatcher._update_notice``)."""
+    ``Placement.update_notice``)."""
     from engine import nodes as registry
 
     health = store.cluster_health()
