@@ -53,6 +53,22 @@ def free_ports(count: int) -> list[int]:
         return [sock.getsockname()[1] for sock in sockets]
 
 
+def fill_disk(mount_point: Path) -> Path:
+    """Fill the (small, test-made) filesystem at ``mount_point``; returns the filler file,
+    for the test to remove."""
+    filler = mount_point / "filler"
+    # Unbuffered: a buffered file would raise ENOSPC again when it is closed.
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
 def short_tempdir(prefix: str) -> Path:
     # Ray's unix socket paths must stay under 107 characters: keep temp dirs short.
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))

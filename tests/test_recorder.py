@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from conftest import short_tempdir, submit_numbers, write_token
+from conftest import fill_disk as fill, short_tempdir, submit_numbers, write_token
 from engine.models import Project, Replica, Task
 from engine.recorder import ResultWriter
 from engine.replication import ReplicaTracker
@@ -50,21 +50,6 @@ def store(small_disk):
     store = Store(Settings(data_dir=str(small_disk), row_timeout=10.0, replication=1))
     yield store
     store.engine.dispose()
-
-
-def fill(mount_point: Path) -> Path:
-    """Fill the disk; returns the filler, to be removed."""
-    filler = mount_point / "filler"
-    # Unbuffered: a buffered file would raise ENOSPC again when it is closed.
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:
-        while True:
-            os.write(fd, b"\0" * 65536)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    return filler
 
 
 def running(store, rows: int, replication: int = 1) -> int:

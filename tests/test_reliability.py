@@ -10,8 +10,9 @@ import time
 import pytest
 from sqlalchemy import select
 
-from conftest import (engine_env, fixture_bytes, project_ended as ended, python, run_to_end,
-                      short_tempdir, stop_serve, submit_numbers as submit, write_token)
+from conftest import (engine_env, fill_disk, fixture_bytes, project_ended as ended, python,
+                      run_to_end, short_tempdir, stop_serve, submit_numbers as submit,
+                      write_token)
 from engine import accounts, projects
 from engine.models import Project, Task, TaskHistory
 from engine.scheduler import Dispatcher
@@ -118,16 +119,7 @@ def test_full_disk_surfaces_the_error_and_loses_nothing(cluster_settings, caplog
         thread = threading.Thread(target=dispatcher.run, kwargs={"until": lambda: ended(store, pid)})
         thread.start()
         wait_for(lambda: status(store, pid).rows_succeeded >= 200)
-        filler = mount_point / "filler"
-        # Unbuffered: a buffered file would raise ENOSPC again when it is closed.
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-        try:
-            while True:
-                os.write(fd, b"\0" * 65536)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        filler = fill_disk(mount_point)
         # Nothing can be written to a full disk, the lease row included: the error is
         # surfaced in the log and on the dispatcher, and the results wait in memory.
         wait_for(lambda: "database or disk is full" in dispatcher.store_error, timeout=120)

@@ -285,10 +285,17 @@ def volunteer_cluster(volunteers: tuple[str, ...], *, head_cpus: int | None,
     os.chdir(data_dir)
     try:
         commands = {name: nodes.join_command(store, config, name) for name in volunteers}
+        # One node at a time: three confined nodes starting at once beside a new head on
+        # two cores overloaded the GCS in a quiet CI run, and one `ray start` gave up
+        # ("The current node timed out during startup").
+        from engine import cluster as engine_cluster
+
+        engine_cluster.connect(state.settings)
         for name, command in commands.items():
             command = unconfined(command) if name in careless else command
             state.nodes[name] = start_node(name, command, (pythonpath or {}).get(name),
                                            own_ports=name != pinned)
+            _wait_for_nodes(state, expected=len(state.nodes) + 1)
         for name, (command, joins) in (others(commands) if others else {}).items():
             state.nodes[name] = start_node(name, command)
             if not joins:
