@@ -11,10 +11,12 @@ import contextlib
 import os
 import secrets
 import socket
+import subprocess
 import sys
 import tempfile
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -51,6 +53,23 @@ def free_ports(count: int) -> list[int]:
         for sock in sockets:
             sock.bind(("", 0))
         return [sock.getsockname()[1] for sock in sockets]
+
+
+@contextlib.contextmanager
+def small_disk(prefix: str, size: str = "8m") -> Iterator[Path]:
+    """A real tmpfs of ``size``, holding the session's token, for a store that runs out of
+    room; mounting needs root (CI runs as root), so the test is skipped otherwise."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    mount_point = short_tempdir(prefix)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+                   check=True)
+    try:
+        write_token(mount_point)
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+        mount_point.rmdir()
 
 
 def fill_disk(mount_point: Path) -> Path:

@@ -10,15 +10,12 @@ a batch would bring back.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import threading
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
-from conftest import fill_disk as fill, short_tempdir, submit_numbers, write_token
+from conftest import fill_disk as fill, small_disk as small_disk_at, submit_numbers
 from engine.models import Project, Replica, Task
 from engine.recorder import ResultWriter
 from engine.replication import ReplicaTracker
@@ -33,16 +30,8 @@ BIG = json.dumps("x" * 1_500_000)  # more than the write-ahead log holds before 
 
 @pytest.fixture
 def small_disk():
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
-    mount_point = short_tempdir("cr-rec-")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)], check=True)
-    try:
-        write_token(mount_point)
+    with small_disk_at("cr-rec-") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-        mount_point.rmdir()
 
 
 @pytest.fixture

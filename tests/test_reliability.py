@@ -11,8 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from conftest import (engine_env, fill_disk, fixture_bytes, project_ended as ended, python,
-                      run_to_end, short_tempdir, stop_serve, submit_numbers as submit,
-                      write_token)
+                      run_to_end, small_disk, stop_serve, submit_numbers as submit)
 from engine import accounts, projects
 from engine.models import Project, Task, TaskHistory
 from engine.scheduler import Dispatcher
@@ -106,12 +105,7 @@ def test_killed_dispatcher_is_recovered_by_the_next(store, cluster_settings):
 
 def test_full_disk_surfaces_the_error_and_loses_nothing(cluster_settings, caplog):
     """The database lives on a 8 MB tmpfs that fills up mid-project."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
-    mount_point = short_tempdir("cr-full-")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)], check=True)
-    try:
-        write_token(mount_point)
+    with small_disk("cr-full-") as mount_point:
         settings = cluster_settings.replace(data_dir=str(mount_point))
         store = Store(settings)
         pid = submit(store, settings, "ms.py", 4000, batch_size=50)
@@ -133,8 +127,6 @@ def test_full_disk_surfaces_the_error_and_loses_nothing(cluster_settings, caplog
         assert status(store, pid).status == "complete"
         assert_every_row_once(store, pid, 4000)
         store.engine.dispose()
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def test_backup_restores(store, settings, tmp_path):
