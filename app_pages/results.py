@@ -9,7 +9,7 @@ from engine.results import error_groups, failed_page, full_output, results_page
 from portal import auth, downloads, errors, panels, state, tables, widgets
 
 user = auth.require(Role.RESEARCHER)
-store = state.store()
+store, settings = state.store(), state.settings()
 widgets.header("Results", ":material/table_view:")
 
 selected = st.query_params.get("id")
@@ -67,10 +67,10 @@ panels.error_groups(groups)
 st.subheader("Download")
 st.caption("The whole project, every row, as a file; it is written as it downloads, however "
            "large the project. Each link works for your account only, for "
-           f"{downloads.LINK_SECONDS // 60} minutes (this page renews them).")
+           f"{settings.download_link_minutes} minutes (this page renews them).")
 
 
-@st.fragment(run_every=downloads.REFRESH_SECONDS)
+@st.fragment(run_every=downloads.refresh_seconds(settings))
 @errors.guarded
 def download_links() -> None:
     # Links to the portal's download route (portal.downloads), signed for the account

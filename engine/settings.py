@@ -3,9 +3,11 @@
 Every setting is declared once, as a field of ``Settings`` with its type, default and a
 line of help; its environment variable is ``CONSTELLATION_<NAME>``, and the text of that
 variable is read by the parser of the field's type. ``SETTINGS`` is the same declarations
-as ``Setting`` records (name, type, default, environment variable, parser, help), derived
-from the fields, never written apart. ``Settings.from_env()`` reads the environment;
-tests pass overrides. docs/configuration.md lists every setting (a test checks it).
+as ``Setting`` records (name, type, default, environment variable, parser, help, and the
+smallest value allowed where there is one), derived from the fields, never written apart.
+``Settings.from_env()`` reads the environment; tests pass overrides. A value below its
+minimum is refused when the object is made. docs/configuration.md lists every setting (a
+test checks it).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Setting:
     default: Any
     parse: Callable[[str], Any]     # environment text -> value
     help: str
+    minimum: int | float | None = None  # a smaller value is refused
 
     @property
     def env(self) -> str:
@@ -51,8 +54,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "str": str, "int": int, "float": float, "bool": _bool, "int | None": _optional_int}
 
 
-def _setting(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
+def _setting(default: Any, help: str, *, minimum: int | float | None = None) -> Any:
+    """A field of ``Settings``; a value below ``minimum`` (when given) is refused at once."""
+    return dataclasses.field(default=default, metadata={"help": help, "minimum": minimum})
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,14 @@ class Settings:
         200, "Largest dataset upload, in MB (portal and engine).")
     max_script_kb: int = _setting(
         512, "Largest script upload, in KB.")
+    download_link_minutes: int = _setting(
+        15, "How long a download link of the Results page works, in minutes (the page renews "
+            "its links every third of that).", minimum=1)
+    downloads_per_account: int = _setting(
+        2, "Whole-project downloads one account may run at once (each holds about a row of "
+           "results in the portal's memory); more get 429.", minimum=1)
+    downloads_at_once: int = _setting(
+        8, "Whole-project downloads the portal runs at once, of all accounts together.", minimum=1)
     sandbox: str = _setting(
         "bwrap", "How research code is isolated: 'bwrap' (bubblewrap) or 'none' (trusted test setups only).")
     memory_limit_mb: int = _setting(
@@ -178,6 +190,13 @@ class Settings:
         values.update(overrides)
         return cls(**values)
 
+    def __post_init__(self) -> None:
+        for setting in SETTINGS:
+            value = getattr(self, setting.name)
+            if setting.minimum is not None and value < setting.minimum:
+                raise ValueError(f"{setting.name} ({setting.env}) must be at least "
+                                 f"{setting.minimum}, not {value!r}")
+
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
 
@@ -196,6 +215,10 @@ class Settings:
     @property
     def max_script_bytes(self) -> int:
         return self.max_script_kb * 1024
+
+    @property
+    def download_link_seconds(self) -> int:
+        return self.download_link_minutes * 60
 
     @property
     def reachable_host(self) -> str:
@@ -229,5 +252,5 @@ def primary_address() -> str:
 
 
 SETTINGS: tuple[Setting, ...] = tuple(
-    Setting(f.name, f.type, f.default, _PARSERS[f.type], f.metadata["help"])
+    Setting(f.name, f.type, f.default, _PARSERS[f.type], f.metadata["help"], f.metadata["minimum"])
     for f in dataclasses.fields(Settings))

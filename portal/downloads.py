@@ -13,7 +13,9 @@ is signed in, and it believes nothing the client sends except a token it verifie
 Results page, which knows the signed-in account, puts in each link a token it signs:
 HMAC-SHA256, with the secret ``<data_dir>/secrets/download_key`` (made on first use, mode
 0600, like the cookie key), over the account's id and name, the project, the format,
-when the link was made and when it expires (``LINK_SECONDS``). At request time the route
+when the link was made and when it expires (the ``download_link_minutes`` setting; the
+page makes new links every ``refresh_seconds``, a third of that, so an open page always
+has working ones, and a link copied elsewhere stops working soon). At request time the route
 checks the signature, the expiry, the project and format against the path, and then the
 account as it is now: it exists, is enabled, has not signed out since the link was made
 (``accounts.signed_in_user`` with the link's time, as a session is checked), and owns the
@@ -21,8 +23,9 @@ project or is an admin (``export_chunks`` checks that, as every engine call does
 Anything else gets 403 (the link) or 404 (the project, exactly as a missing one), with a
 one-line message and no data.
 
-At most ``MAX_PER_ACCOUNT`` downloads of one account, and ``MAX_DOWNLOADS`` in all, run at
-once (429 beyond), since each holds up to a row of results in memory.
+At most ``downloads_per_account`` downloads of one account, and ``downloads_at_once`` in
+all, run at once (429 beyond; both are settings), since each holds up to a row of results
+in memory.
 
 This module never imports Streamlit: the route runs in the server, not in a session.
 """
@@ -54,12 +57,9 @@ from engine.models import User
 logger = logging.getLogger(__name__)
 
 PATH = "/download/{project_id:int}.{fmt}"
-# How long a link works. The Results page makes new links every REFRESH_SECONDS, so an
-# open page always has working ones; a link copied elsewhere stops working soon.
-LINK_SECONDS = 15 * 60
-REFRESH_SECONDS = 5 * 60
-MAX_PER_ACCOUNT = 2
-MAX_DOWNLOADS = 8
+# The Results page renews its links this many times in a link's life, so that a link it
+# shows has at least two thirds of its time left.
+RENEWALS_PER_LINK = 3
 _KEY = "download_key"
 _MAX_TOKEN_CHARS = 1024
 _MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "json": "application/json"}
@@ -70,7 +70,8 @@ _MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "json": "application/json"}
 
 def link(settings: Settings, user: User, project_id: int, fmt: str,
          now: float | None = None) -> str:
-    """The URL path that downloads ``project_id`` as ``fmt`` for ``user``, for LINK_SECONDS."""
+    """The URL path that downloads ``project_id`` as ``fmt`` for ``user``, for
+    ``download_link_minutes``."""
     return f"/download/{project_id}.{fmt}?token={token(settings, user, project_id, fmt, now)}"
 
 
@@ -79,7 +80,7 @@ def token(settings: Settings, user: User, project_id: int, fmt: str,
     """``<claims>.<hmac>``: the claims as URL-safe base64 of JSON, the HMAC in hex."""
     issued = int((time.time() if now is None else now) * 1000)
     claims = {"u": user.id, "n": user.name, "p": project_id, "f": fmt,
-              "i": issued, "e": issued + LINK_SECONDS * 1000}
+              "i": issued, "e": issued + settings.download_link_seconds * 1000}
     body = base64.urlsafe_b64encode(json.dumps(claims, separators=(",", ":")).encode())
     body_text = body.rstrip(b"=").decode("ascii")
     return f"{body_text}.{_mac(settings, body_text)}"
@@ -88,6 +89,11 @@ def token(settings: Settings, user: User, project_id: int, fmt: str,
 def _mac(settings: Settings, body: str) -> str:
     key = bytes.fromhex(data_secret(settings, _KEY))
     return hmac.new(key, b"constellation-download\n" + body.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def refresh_seconds(settings: Settings) -> float:
+    """How often the Results page makes new links."""
+    return settings.download_link_seconds / RENEWALS_PER_LINK
 
 
 def links_html(settings: Settings, user: User, project_id: int) -> str:
@@ -148,10 +154,10 @@ class _Slots:
         self._lock = threading.Lock()
         self._running: dict[int, int] = {}
 
-    def take(self, user_id: int) -> Callable[[], None]:
+    def take(self, settings: Settings, user_id: int) -> Callable[[], None]:
         with self._lock:
-            if (self._running.get(user_id, 0) >= MAX_PER_ACCOUNT
-                    or sum(self._running.values()) >= MAX_DOWNLOADS):
+            if (self._running.get(user_id, 0) >= settings.downloads_per_account
+                    or sum(self._running.values()) >= settings.downloads_at_once):
                 raise _Busy()
             self._running[user_id] = self._running.get(user_id, 0) + 1
         return functools.partial(self._give_back, user_id)
@@ -184,7 +190,7 @@ async def download(request: Request) -> Response:
     try:
         user = await run_in_threadpool(authorized, store, settings,
                                        request.query_params.get("token"), project_id, fmt)
-        release = _slots.take(user.id)
+        release = _slots.take(settings, user.id)
     except _Busy:
         return _refusal(429, "too many downloads at once; try again when one has finished",
                         {"Retry-After": "30"})

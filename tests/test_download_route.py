@@ -254,7 +254,8 @@ def refusals(store, settings, pid: int, other_pid: int) -> dict[str, str]:
         "claims changed to bob": f"/download/{pid}.csv?token={forged(settings, good, u=bob.id, n='bob')}",
         "an expiry pushed back": f"/download/{pid}.csv?token={forged(settings, good, e=10 ** 15)}",
         "signed with another key": downloads.link(other_key, ada, pid, "csv"),
-        "expired": downloads.link(settings, ada, pid, "csv", now=time.time() - downloads.LINK_SECONDS - 1),
+        "expired": downloads.link(settings, ada, pid, "csv",
+                                  now=time.time() - settings.download_link_seconds - 1),
         "bob's token for ada's project": downloads.link(settings, bob, pid, "csv"),
         "a volunteer's token": downloads.link(settings, user(store, "vic"), pid, "csv"),
         "the csv token on json": f"/download/{pid}.json?token={good}",
@@ -316,14 +317,16 @@ def test_a_link_stops_working_when_its_account_changes(people, settings, change)
             assert fetch(url + downloads.link(settings, user(people, "ada"), pid, "json"))[0] == 200
 
 
-def test_downloads_at_once_are_limited_per_account(people, settings):
+def test_downloads_at_once_are_limited_per_account(people, settings, monkeypatch):
     """Each download holds up to a row in memory, so one account runs at most
-    MAX_PER_ACCOUNT at once; the next is refused until one ends."""
+    ``downloads_per_account`` at once (3 here, not the default, as the route reads it from
+    the environment); the next is refused until one ends."""
+    monkeypatch.setenv("CONSTELLATION_DOWNLOADS_PER_ACCOUNT", "3")
     pid = project_of(people, "ada", [big_output(i)[:2 * MB] for i in range(10)])  # 20 MB
     ada = user(people, "ada")
     with route_server() as url:
         open_ones = [urllib.request.urlopen(url + downloads.link(settings, ada, pid, "json"), timeout=60)
-                     for _ in range(downloads.MAX_PER_ACCOUNT)]
+                     for _ in range(3)]
         for answer in open_ones:
             assert answer.status == 200 and answer.read(1000).startswith(b"[")
         status, headers, body = fetch(url + downloads.link(settings, ada, pid, "json"))
@@ -335,6 +338,15 @@ def test_downloads_at_once_are_limited_per_account(people, settings):
         while fetch(url + downloads.link(settings, ada, pid, "csv"))[0] == 429:
             assert time.monotonic() < deadline, "a closed download kept its place"
             time.sleep(0.2)
+
+
+def test_the_download_limits_are_settings_of_at_least_one():
+    """A link that expires at once or a limit of no downloads would refuse every download."""
+    assert Settings.from_env({"CONSTELLATION_DOWNLOAD_LINK_MINUTES": "2"}).download_link_seconds == 120
+    assert downloads.refresh_seconds(Settings(download_link_minutes=15)) == 5 * 60
+    for name in ("download_link_minutes", "downloads_per_account", "downloads_at_once"):
+        with pytest.raises(ValueError, match=f"{name} \\(CONSTELLATION_{name.upper()}\\) must be at least 1"):
+            Settings(**{name: 0})
 
 
 # -- the Results page's links ------------------------------------------------------------
