@@ -9,7 +9,7 @@ on the winning side of a verified row earns.
 The unit is one CPU second of verified work, kept to the microsecond (6 decimals). A row's
 CPU time is measured on the node outside the sandbox, from the kernel's count for the
 process that ran it, shared out over its batch by wall time and capped at that wall time
-(``engine.node.executor._price``); nothing research code says about time reaches credit.
+(``engine.node.meter.price``); nothing research code says about time reaches credit.
 The floor is what any verified row costs a node at the least (the Ray worker alone spends
 more than a microsecond on each row's result), so that every verified row visibly counts
 even when the median rounds below it.

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import ROOT, fixture_bytes
-from engine.node import executor, sandbox
+from engine.node import executor, meter, probe, sandbox
 from engine.node.executor import Limits, run_rows
 from engine.settings import Settings
 
@@ -184,7 +184,7 @@ def test_without_a_working_sandbox_research_code_does_not_run(monkeypatch, tmp_p
         # Only the admin setting lets it run anyway, unsandboxed (it can then write here).
         monkeypatch.setenv("PATH", "/usr/bin:/bin")
         allowed = Limits(row_timeout=2.0, allow_unsandboxed=True)
-        monkeypatch.setattr(executor, "_status", "unavailable: bubblewrap (bwrap) is not installed")
+        monkeypatch.setattr(probe, "_status", "unavailable: bubblewrap (bwrap) is not installed")
         assert run_rows(source, "s.py", ["x"], [(0, [1])], allowed).results[0].succeeded
         assert marker.read_text() == "ran"
     finally:
@@ -319,23 +319,23 @@ def row(index):
 
 
 def test_a_batchs_cpu_is_shared_by_wall_time_and_capped_at_it():
-    # Pure arithmetic of executor._price. Marks: (time, CPU clock) at sending and at each
+    # Pure arithmetic of meter.price. Marks: (time, CPU clock) at sending and at each
     # read of the pipe; readings: (own CPU, waited-for children's CPU) before and after.
     marks = [(10.0, 5.0), (10.2, None), (11.0, None)]
     groups = [(1, [row(0)]), (2, [row(1), row(2)])]
-    priced = executor._price(groups, marks, (5.0, 0.0), (5.4, 0.1))
+    priced = meter.price(groups, marks, (5.0, 0.0), (5.4, 0.1))
     # 0.5 s of CPU over 1 s of wall: row 0 had 0.2 s of it, rows 1 and 2 0.4 s each.
     assert [r[:5] for r in priced] == [row(0), row(1), row(2)]
     assert [r[5] for r in priced] == pytest.approx([0.1, 0.2, 0.2])
     # Three cores' worth in one second: each row gets at most its own wall time.
-    capped = executor._price(groups, marks, (5.0, 0.0), (7.0, 1.0))
+    capped = meter.price(groups, marks, (5.0, 0.0), (7.0, 1.0))
     assert [r[5] for r in capped] == pytest.approx([0.2, 0.4, 0.4])
     # Two messages in one read are one group; a process that died is read at its last mark.
     marks = [(0.0, 1.0), (0.3, 1.2), (0.6, 1.5)]
-    merged = executor._price([(1, [row(0)]), (1, [row(1)]), (2, [row(2)])], marks, (1.0, 0.0), None)
+    merged = meter.price([(1, [row(0)]), (1, [row(1)]), (2, [row(2)])], marks, (1.0, 0.0), None)
     assert [r[5] for r in merged] == pytest.approx([0.125, 0.125, 0.25])
     # Without a measurement (the research process was not found) nothing is credited.
-    assert [r[5] for r in executor._price(groups, marks, None, None)] == [0.0, 0.0, 0.0]
+    assert [r[5] for r in meter.price(groups, marks, None, None)] == [0.0, 0.0, 0.0]
 
 
 def test_light_rows_are_measured_finely_enough_not_to_round_to_zero():

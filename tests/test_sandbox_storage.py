@@ -13,7 +13,7 @@ import pytest
 from conftest import fixture_bytes, run_to_end
 from engine import accounts, projects
 from engine.export import export_results
-from engine.node import executor, sandbox
+from engine.node import executor, pool, sandbox
 from engine.node.executor import Limits, run_rows
 
 MIB = 1 << 20
@@ -133,7 +133,7 @@ def freed(before, at_least=150 * MIB):
 
 
 def test_an_idle_warm_child_is_ended_and_its_files_freed(monkeypatch):
-    monkeypatch.setattr(executor, "_IDLE_SECONDS", 1.0)
+    monkeypatch.setattr(pool, "_IDLE_SECONDS", 1.0)
     child, held = keep_files(200)
     assert held >= 150 * MIB
     before = shmem_bytes()

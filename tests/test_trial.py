@@ -11,7 +11,7 @@ from conftest import fixture_bytes
 from engine import accounts, trial
 from engine.accounts import Role
 from engine.dataset import parse_dataset
-from engine.node import executor
+from engine.node import executor, sandbox
 from engine.script import check_script
 
 # Far longer than any test waits: a trial that is not closed would outlive the test.
@@ -77,7 +77,7 @@ def test_concurrent_trials_of_one_script_each_get_their_own_rows(store, settings
     if os.geteuid() == 0:
         # Each trial's child runs as a uid of its own: its own process limit.
         assert len(uids) == 3
-        assert executor.sandbox.sandbox_uid() not in uids
+        assert sandbox.sandbox_uid() not in uids
     assert executor._pool._children == {}  # trials never use the process's shared pool
 
 

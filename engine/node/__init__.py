@@ -10,7 +10,11 @@ nodes with the job (``engine.cluster.connect``).
                sent by value, so that a node which cannot load this package still answers
                with its own id and the reason, instead of an anonymous Ray error.
 - ``batch``    rebuilds a batch's rows from dataset chunks and runs them.
-- ``executor`` runs research code in a sandboxed child process, keeping children warm.
+- ``executor`` runs research code: the rows of a batch, through a warm child (``run_rows``).
+- ``pool``     warm children, one per project and script, ended when idle.
+- ``process``  one sandboxed child process, as the parent drives and reads it.
+- ``probe``    the sandbox's self-test, and refusing research code where it fails.
+- ``meter``    the CPU time of research code, measured from the kernel.
 - ``sandbox``  the bubblewrap command line and the limits of a child.
 - ``child``    the program inside the sandbox (standard library only, sent as source).
 - ``result``   the one shape of what a node reports: row results and batch failures.

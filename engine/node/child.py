@@ -1,6 +1,6 @@
 """The program that runs research code, inside the sandbox. Standard library only.
 
-``executor`` starts it as ``python -I -c <this source> IN_FD OUT_FD``, so it
+``process`` starts it as ``python -I -c <this source> IN_FD OUT_FD``, so it
 needs no file on the node and nothing from the ``engine`` package. It is the only
 place where a research script is compiled and executed.
 
@@ -19,7 +19,7 @@ sandbox not starting (the node's problem) apart from a script whose import never
 
 Each result is ``[row_index, ok, output_json_or_error, traceback]``. The child says nothing
 about time: research code could write its own lines, so what a row cost is measured by
-the parent, from the kernel (``executor._CpuMeter``), never read from here.
+the parent, from the kernel (``meter.CpuMeter``), never read from here.
 Results are flushed every 50 ms, or after every row in isolate mode, which the parent
 uses to pin down a row that kills its process. A row that overruns the time limit is
 reported, and then the child exits so that the parent replaces the process, whatever

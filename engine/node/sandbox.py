@@ -3,7 +3,7 @@
 ``Limits`` is what one sandboxed child may use: node-wide settings, a project's
 overrides, and the admin maxima that cap them (``Limits.from_settings``).
 
-``executor`` starts every child that runs research code with ``bwrap_argv()``
+``process`` starts every child that runs research code with ``bwrap_argv()``
 in front of it. The sandbox sees an allow-list of the system (``/usr``, ``/etc`` and
 the library links), the Python installation and virtual environment read-only, a
 private empty ``/tmp`` and ``$HOME``, its own network (no interfaces but a down
@@ -59,7 +59,7 @@ class Limits:
 
     row_timeout: float = 60.0
     # How long the script's top-level code may run while it is imported (the sandbox's own
-    # start has a limit of its own, in the executor).
+    # start has a limit of its own, in ``process``).
     import_timeout: float = 60.0
     memory_bytes: int = 2 << 30
     output_bytes: int = 10 << 20
