@@ -1,13 +1,13 @@
 """Signing in and out, over the accounts in the store.
 
-The engine decides who may sign in (``engine.accounts.authenticate``: the lock, the
+The engine decides who may sign in (``engine.logins.authenticate``: the lock, the
 password, a disabled account); streamlit-authenticator keeps the signed-in state of the
 session and sets, reads and deletes the sign-in cookie (an HS256 token of the user name
 and its expiry, signed with the cookie key).
 
 Two things the authenticator does not do are done here:
 
-- **Signing out ends the session on the server.** ``accounts.end_sessions`` records the
+- **Signing out ends the session on the server.** ``logins.end_sessions`` records the
   time; a cookie issued before it (its issue time is its expiry minus ``COOKIE_DAYS``) no
   longer signs in, and a session that began before it ends at its next run. So a copy of
   the cookie taken before Sign out is worthless after it, in any browser.
@@ -30,7 +30,7 @@ import streamlit as st
 import streamlit_authenticator as stauth
 from streamlit_authenticator.utilities import LoginError
 
-from engine import accounts
+from engine import accounts, logins
 from engine.accounts import Role
 from engine.errors import Forbidden
 from engine.models import User
@@ -65,16 +65,16 @@ def _configured_cookie_key() -> str | None:
 def start() -> None:
     """Build this run's authenticator and sign in from a valid, current cookie, if any."""
     store, settings = state.store(), state.settings()
-    credentials = accounts.login_credentials(store)
+    credentials = logins.login_credentials(store)
     # login_sleep_time=0: version 0.4.2 reads the cookie from the request, no need to wait.
     authenticator = stauth.Authenticate(
         credentials, cookie_name=COOKIE_NAME,
-        cookie_key=accounts.cookie_key(settings, _configured_cookie_key()),
+        cookie_key=logins.cookie_key(settings, _configured_cookie_key()),
         cookie_expiry_days=COOKIE_DAYS, auto_hash=False, login_sleep_time=0)
     _run.authenticator, _run.credentials = authenticator, credentials
     if st.session_state.get("authentication_status"):
         try:
-            accounts.signed_in_user(store, st.session_state["username"],
+            logins.signed_in_user(store, st.session_state["username"],
                                     since=st.session_state.get(_STARTED, 0.0))
         except Forbidden as exc:  # disabled, or signed out in another browser, meanwhile
             authenticator.logout(location="unrendered")
@@ -84,7 +84,7 @@ def start() -> None:
     if not token:
         return
     issued = float(token["exp_date"]) - _COOKIE_SECONDS
-    if not accounts.session_current(store, token["username"], issued):
+    if not logins.session_current(store, token["username"], issued):
         # Signed out (or disabled) since this cookie was issued. The authenticator reads the
         # cookie from the request that opened the session, so it would find it again on
         # every run: "logout" makes it ignore the cookie for the rest of this session.
@@ -108,7 +108,7 @@ def current_user() -> User | None:
     if not st.session_state.get("authentication_status") or not st.session_state.get("username"):
         return None
     try:
-        return accounts.signed_in_user(state.store(), st.session_state["username"],
+        return logins.signed_in_user(state.store(), st.session_state["username"],
                                        since=st.session_state.get(_STARTED, 0.0))
     except Forbidden:
         return None
@@ -163,7 +163,7 @@ def sign_in_form(key: str = "sign_in") -> None:
         return
     try:
         # The authenticator's form stripped the password too; no password may end in a space.
-        user = accounts.authenticate(state.store(), name, password.strip())
+        user = logins.authenticate(state.store(), name, password.strip())
     except Forbidden as exc:
         st.error(errors.sentence(exc), icon=":material/lock:")
         return
@@ -195,7 +195,7 @@ def logout_button() -> None:
 
 def _signed_out(info: dict) -> None:
     if info.get("username"):
-        accounts.end_sessions(state.store(), info["username"])
+        logins.end_sessions(state.store(), info["username"])
     st.session_state.pop(_STARTED, None)
 
 

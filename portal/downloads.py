@@ -18,7 +18,7 @@ page makes new links every ``refresh_seconds``, a third of that, so an open page
 has working ones, and a link copied elsewhere stops working soon). At request time the route
 checks the signature, the expiry, the project and format against the path, and then the
 account as it is now: it exists, is enabled, has not signed out since the link was made
-(``accounts.signed_in_user`` with the link's time, as a session is checked), and owns the
+(``logins.signed_in_user`` with the link's time, as a session is checked), and owns the
 project or is an admin (``export_chunks`` checks that, as every engine call does).
 Anything else gets 403 (the link) or 404 (the project, exactly as a missing one), with a
 one-line message and no data.
@@ -48,7 +48,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from engine import Settings, Store, accounts
+from engine import Settings, Store, logins
 from engine.errors import ConstellationError, Forbidden, NotFound
 from engine.export import FORMATS, export_chunks
 from engine.keys import data_secret
@@ -138,7 +138,7 @@ def authorized(store: Store, settings: Settings, token_text: str | None, project
         raise Forbidden("this download link is for another download")
     if (time.time() if now is None else now) * 1000 > expires:
         raise Forbidden("this download link has expired; open the Results page again for a new one")
-    user = accounts.signed_in_user(store, name, since=issued / 1000)
+    user = logins.signed_in_user(store, name, since=issued / 1000)
     if user.id != user_id:
         raise Forbidden("this account no longer exists; sign in again")
     return user

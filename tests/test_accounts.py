@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import inspect
 
 from conftest import engine_env, python
-from engine import accounts
+from engine import accounts, logins
 from engine.accounts import Role
 from engine.errors import Forbidden, InvalidRequest, NotFound
 
@@ -24,7 +24,7 @@ def test_registration_hashes_with_bcrypt_and_lower_cases_the_name(store):
                                   {Role.RESEARCHER, Role.VOLUNTEER})
     assert user.name == "ada" and user.role_set == {"researcher", "volunteer"}
     assert user.password_hash.startswith("$2b$") and "correct horse" not in user.password_hash
-    assert accounts.authenticate(store, "ADA", "correct horse").id == user.id
+    assert logins.authenticate(store, "ADA", "correct horse").id == user.id
 
 
 @pytest.mark.parametrize("name, email, password, roles, error", [
@@ -53,28 +53,28 @@ def test_a_taken_name_is_refused(store):
 
 def test_wrong_passwords_lock_the_name_for_the_window(store):
     accounts.register_user(store, "ada", "a@x.org", "long enough", {Role.RESEARCHER})
-    for _ in range(accounts.MAX_FAILED_LOGINS):
+    for _ in range(logins.MAX_FAILED_LOGINS):
         with pytest.raises(Forbidden, match="wrong user name or password"):
-            accounts.authenticate(store, "ada", "wrong password")
+            logins.authenticate(store, "ada", "wrong password")
     # Now even the right password is refused until the window ends.
     with pytest.raises(Forbidden, match="too many failed sign-ins"):
-        accounts.authenticate(store, "ada", "long enough")
-    assert accounts.login_credentials(store)["usernames"]["ada"]["failed_login_attempts"] == \
-        accounts.MAX_FAILED_LOGINS
-    later = time.time() + accounts.LOGIN_WINDOW_SECONDS + 1
-    assert accounts.login_lock_remaining(store, "ada", now=later) == 0
-    assert accounts.login_credentials(store, now=later)["usernames"]["ada"]["failed_login_attempts"] == 0
+        logins.authenticate(store, "ada", "long enough")
+    assert logins.login_credentials(store)["usernames"]["ada"]["failed_login_attempts"] == \
+        logins.MAX_FAILED_LOGINS
+    later = time.time() + logins.LOGIN_WINDOW_SECONDS + 1
+    assert logins.login_lock_remaining(store, "ada", now=later) == 0
+    assert logins.login_credentials(store, now=later)["usernames"]["ada"]["failed_login_attempts"] == 0
 
 
 def test_a_success_clears_earlier_failures(store):
     accounts.register_user(store, "ada", "a@x.org", "long enough", {Role.RESEARCHER})
-    for _ in range(accounts.MAX_FAILED_LOGINS - 1):
+    for _ in range(logins.MAX_FAILED_LOGINS - 1):
         with pytest.raises(Forbidden):
-            accounts.authenticate(store, "ada", "wrong password")
-    accounts.authenticate(store, "ada", "long enough")
+            logins.authenticate(store, "ada", "wrong password")
+    logins.authenticate(store, "ada", "long enough")
     with pytest.raises(Forbidden, match="wrong user name"):
-        accounts.authenticate(store, "ada", "wrong password")
-    accounts.authenticate(store, "ada", "long enough")  # one failure only: not locked
+        logins.authenticate(store, "ada", "wrong password")
+    logins.authenticate(store, "ada", "long enough")  # one failure only: not locked
 
 
 def test_disabled_users_cannot_sign_in_or_act(store):
@@ -84,12 +84,12 @@ def test_disabled_users_cannot_sign_in_or_act(store):
         accounts.disable_user(store, ada, "root")  # not an admin
     accounts.disable_user(store, admin, "ada")
     with pytest.raises(Forbidden, match="disabled"):
-        accounts.authenticate(store, "ada", "long enough")
+        logins.authenticate(store, "ada", "long enough")
     with pytest.raises(Forbidden, match="disabled"):
-        accounts.signed_in_user(store, "ada")
+        logins.signed_in_user(store, "ada")
     with pytest.raises(Forbidden, match="disabled"):
         accounts.require_role(accounts.get_user(store, "ada"), Role.RESEARCHER)
-    assert "ada" not in accounts.login_credentials(store)["usernames"]
+    assert "ada" not in logins.login_credentials(store)["usernames"]
     with pytest.raises(InvalidRequest):
         accounts.disable_user(store, admin, "root")
     with pytest.raises(NotFound):
@@ -109,11 +109,11 @@ def test_role_checks(store):
 
 
 def test_cookie_key_is_generated_once_with_mode_0600(settings):
-    first = accounts.cookie_key(settings)
-    assert len(first) >= 32 and accounts.cookie_key(settings) == first
+    first = logins.cookie_key(settings)
+    assert len(first) >= 32 and logins.cookie_key(settings) == first
     path = settings.data_path / "secrets" / "cookie_key"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert accounts.cookie_key(settings, "from-secrets-toml") == "from-secrets-toml"
+    assert logins.cookie_key(settings, "from-secrets-toml") == "from-secrets-toml"
 
 
 def cli(settings, *args, stdin=""):
@@ -125,7 +125,7 @@ def test_cli_adds_lists_and_disables_users(settings, store):
     done = cli(settings, "user", "add", "Root", "--role", "admin", "--email", "r@x.org",
                "--password-stdin", stdin="long enough\n")
     assert done.returncode == 0, done.stderr
-    assert accounts.authenticate(store, "root", "long enough").role_set == {"admin"}
+    assert logins.authenticate(store, "root", "long enough").role_set == {"admin"}
     done = cli(settings, "user", "add", "ada", "--role", "researcher", "--role", "volunteer",
                "--password-stdin", stdin="short\n")
     assert done.returncode == 2 and "at least 8 characters" in done.stderr
@@ -162,8 +162,8 @@ def test_the_local_admin_is_an_admin_without_a_password(store):
     admin = accounts.local_admin(store)
     assert admin.name == accounts.LOCAL_ADMIN and admin.role_set == {"admin", "researcher"}
     with pytest.raises(Forbidden, match="wrong user name or password"):
-        accounts.authenticate(store, "admin", "")
-    assert "admin" not in accounts.login_credentials(store)["usernames"]
+        logins.authenticate(store, "admin", "")
+    assert "admin" not in logins.login_credentials(store)["usernames"]
     [view] = accounts.list_users(store, admin)
     assert "command line's own account" in view.note
 
@@ -182,7 +182,7 @@ def test_disabled_accounts_can_be_enabled_and_roles_granted(store):
     with pytest.raises(Forbidden):
         accounts.enable_user(store, ada, "ada")
     accounts.enable_user(store, root, "ada")
-    assert accounts.authenticate(store, "ada", "long enough").name == "ada"
+    assert logins.authenticate(store, "ada", "long enough").name == "ada"
     accounts.grant_role(store, root, "ada", Role.VOLUNTEER)
     assert accounts.get_user(store, "ada").role_set == {"researcher", "volunteer"}
     with pytest.raises(NotFound):
@@ -195,11 +195,11 @@ def test_disabled_accounts_can_be_enabled_and_roles_granted(store):
 def test_signing_out_ends_every_earlier_session(store):
     accounts.register_user(store, "ada", "a@x.org", "long enough", {Role.RESEARCHER})
     issued = time.time()
-    assert accounts.session_current(store, "ada", issued)
-    accounts.end_sessions(store, "ada", now=issued + 1)
-    assert not accounts.session_current(store, "ada", issued)      # a cookie from before
-    assert accounts.session_current(store, "ada", issued + 2)      # a new sign-in
-    assert not accounts.session_current(store, "nobody", issued)
+    assert logins.session_current(store, "ada", issued)
+    logins.end_sessions(store, "ada", now=issued + 1)
+    assert not logins.session_current(store, "ada", issued)      # a cookie from before
+    assert logins.session_current(store, "ada", issued + 2)      # a new sign-in
+    assert not logins.session_current(store, "nobody", issued)
 
 
 def test_disabling_ends_sessions_and_enabling_does_not_revive_them(store):
@@ -207,10 +207,10 @@ def test_disabling_ends_sessions_and_enabling_does_not_revive_them(store):
     accounts.register_user(store, "ada", "a@x.org", "long enough", {Role.RESEARCHER})
     issued = time.time() - 1
     accounts.disable_user(store, root, "ada")
-    assert not accounts.session_current(store, "ada", issued)
+    assert not logins.session_current(store, "ada", issued)
     accounts.enable_user(store, root, "ada")
-    assert not accounts.session_current(store, "ada", issued)
-    assert accounts.session_current(store, "ada", time.time() + 1)
+    assert not logins.session_current(store, "ada", issued)
+    assert logins.session_current(store, "ada", time.time() + 1)
 
 
 def test_registrations_are_limited_per_address(store):
@@ -242,9 +242,9 @@ def test_a_version_3_database_gets_account_sessions(store, settings):
         session.execute(text("UPDATE meta SET value = '3' WHERE key = 'schema_version'"))
     migrated = Store(settings)
     assert migrated.schema_version() == SCHEMA_VERSION
-    assert accounts.session_current(migrated, "ada", time.time())
-    accounts.end_sessions(migrated, "ada")
-    assert not accounts.session_current(migrated, "ada", time.time() - 1)
+    assert logins.session_current(migrated, "ada", time.time())
+    logins.end_sessions(migrated, "ada")
+    assert not logins.session_current(migrated, "ada", time.time() - 1)
     migrated.engine.dispose()
 
 
@@ -266,8 +266,8 @@ def test_the_cli_refuses_an_admin_someone_registered_until_it_is_reclaimed(setti
     assert "reclaim-admin" in listed.stderr
     assert cli(settings, "user", "reclaim-admin").returncode == 0
     with pytest.raises(Forbidden):
-        accounts.authenticate(store, "admin", "long enough")  # the squatter's password is gone
-    assert not accounts.session_current(store, "admin", squatter.created_at + 1)
+        logins.authenticate(store, "admin", "long enough")  # the squatter's password is gone
+    assert not logins.session_current(store, "admin", squatter.created_at + 1)
     assert cli(settings, "user", "list").returncode == 0
 
 

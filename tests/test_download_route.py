@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import pytest
 
 from conftest import fixture_bytes, free_port, on_backend, short_tempdir
-from engine import accounts, export, projects
+from engine import accounts, export, logins, projects
 from engine.accounts import Role
 from engine.export import export_chunks, export_results
 from engine.settings import Settings
@@ -301,7 +301,7 @@ def test_a_link_stops_working_when_its_account_changes(people, settings, change)
             if change.endswith("again"):
                 accounts.enable_user(people, root, "ada")
         elif change == "signed out":
-            accounts.end_sessions(people, "ada")
+            logins.end_sessions(people, "ada")
         else:
             with people.session() as session:
                 if change == "no longer a researcher":

@@ -10,7 +10,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import ROOT, fixture_bytes
-from engine import accounts, projects
+from engine import accounts, logins, projects
 from engine.accounts import Role
 from engine.models import Project
 from engine.status import ProjectStatus, RowResult, record_results, transition_project
@@ -179,7 +179,7 @@ def test_registration_errors_come_from_the_engine(portal):
 
 def test_wrong_passwords_lock_the_account_and_disabled_users_cannot_sign_in(portal):
     at = app()
-    for _ in range(accounts.MAX_FAILED_LOGINS):
+    for _ in range(logins.MAX_FAILED_LOGINS):
         sign_in(at, "ada", "wrong password")
         assert "Wrong user name or password." in texts(at, "error")
     at = sign_in(app(), "ada")  # the right password, from a fresh session

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import text
 
 from conftest import fixture_bytes
-from engine import accounts, projects
+from engine import accounts, logins, projects
 from engine.accounts import Role
 from engine.export import export_results
 from engine.models import DispatcherLease, Node, Project
@@ -76,7 +76,7 @@ def test_signing_out_ends_the_users_other_sessions_on_the_server(portal):
 def test_a_locked_account_keeps_its_open_session(portal):
     mine = open_page(signed_in("ada"), "app_pages/projects.py")
     stranger = app()
-    for _ in range(accounts.MAX_FAILED_LOGINS):
+    for _ in range(logins.MAX_FAILED_LOGINS):
         sign_in(stranger, "ada", "wrong password")
     assert any("Too many failed sign-ins" in e for e in texts(sign_in(app(), "ada"), "error"))
     mine.run()

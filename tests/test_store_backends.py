@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from conftest import ROOT, engine_env, fixture_bytes, on_backend, python
-from engine import accounts, credit, nodes, projects, results
+from engine import accounts, credit, logins, nodes, projects, results
 from engine.accounts import Role
 from engine.errors import Forbidden, InvalidRequest
 from engine.export import export_results
@@ -533,19 +533,19 @@ def test_accounts_sign_in_lock_and_disable(store, settings):
     accounts.register_user(store, "ada", "ada@x.org", "correct horse", {Role.RESEARCHER})
     with pytest.raises(InvalidRequest, match="taken"):
         accounts.register_user(store, "ADA", "a@x.org", "correct horse", {Role.RESEARCHER})
-    assert accounts.authenticate(store, "ada", "correct horse").name == "ada"
+    assert logins.authenticate(store, "ada", "correct horse").name == "ada"
     for _ in range(5):
         with pytest.raises(Forbidden):
-            accounts.authenticate(store, "ada", "wrong password")
-    assert accounts.login_lock_remaining(store, "ada") > 0
+            logins.authenticate(store, "ada", "wrong password")
+    assert logins.login_lock_remaining(store, "ada") > 0
     with pytest.raises(Forbidden, match="too many"):
-        accounts.authenticate(store, "ada", "correct horse")
-    assert accounts.login_credentials(store)["usernames"]["ada"]["failed_login_attempts"] == 5
-    accounts.clear_login_failures(store, "ada")
+        logins.authenticate(store, "ada", "correct horse")
+    assert logins.login_credentials(store)["usernames"]["ada"]["failed_login_attempts"] == 5
+    logins.clear_login_failures(store, "ada")
     accounts.disable_user(store, admin, "ada")
     with pytest.raises(Forbidden, match="disabled"):
-        accounts.authenticate(store, "ada", "correct horse")
-    assert set(accounts.login_credentials(store)["usernames"]) == {"root-1"}
+        logins.authenticate(store, "ada", "correct horse")
+    assert set(logins.login_credentials(store)["usernames"]) == {"root-1"}
     assert [(u.name, u.disabled) for u in accounts.list_users(store, admin)] == \
         [("root-1", False), ("ada", True)]
 
