@@ -84,7 +84,9 @@ def _databases(server) -> dict[str, str]:
 
 
 def ingestion(urls: dict[str, str], scale: float) -> list[dict]:
-    from engine.status import ProjectStatus, RowResult, record_results, transition_project
+    from engine.ledger import record_results
+    from engine.node.result import RowResult
+    from engine.status import ProjectStatus, transition_project
     from engine.store import Store
 
     rows = []

@@ -88,7 +88,7 @@ class Project(Base):
     rows_trusted: Mapped[int] = mapped_column(Integer, default=0)  # accepted from a trusted node alone
     executions: Mapped[int] = mapped_column(Integer, default=0)
     # UTF-8 bytes of the result text stored for the project (outputs, errors and tracebacks
-    # of its tasks, replicas and earlier attempts), kept by engine.status as results arrive:
+    # of its tasks, replicas and earlier attempts), kept by engine.ledger as results arrive:
     # the storage quotas (project_storage_mb, user_storage_mb) are checked against it.
     stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     # What the dispatcher wants the researcher to know, e.g. "waiting for 1 more volunteer".

@@ -2,7 +2,7 @@
 together, may store, and how the bytes of results are counted.
 
 A project's ``stored_bytes`` counts the UTF-8 bytes of every output, error and traceback
-it stored (replicas and earlier attempts included). ``engine.status`` checks a batch of
+it stored (replicas and earlier attempts included). ``engine.ledger`` checks a batch of
 results against the quota before storing it (``admit_results``), and adds what went in;
 this module holds the counting and the words of the error, and nothing that changes a
 status.

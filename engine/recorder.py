@@ -3,7 +3,7 @@
 Every result the dispatcher keeps goes through one ``ResultWriter``: a batch's rows
 (``record``), a volunteer's replicas and the rows they decide (``record_replicas``), and
 the rows that failed on too many nodes. Each write is one transaction that first admits
-the results under the storage quotas (``engine.status.admit_results``; a project over
+the results under the storage quotas (``engine.ledger.admit_results``; a project over
 its quota fails there and nothing of that batch is stored).
 
 Failures of the store (disk full, a locked or read-only database) do not lose results: a
@@ -32,7 +32,8 @@ from engine import replication
 from engine.node.result import RowResult
 from engine.replication import ReplicaTracker
 from engine.settings import Settings
-from engine.status import StorageQuota, admit_results, record_results
+from engine.ledger import admit_results, record_results
+from engine.quota import StorageQuota
 from engine.store import Store
 
 logger = logging.getLogger(__name__)

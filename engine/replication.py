@@ -25,7 +25,8 @@ from sqlalchemy.orm import Session
 from engine import verification
 from engine.models import Replica
 from engine.nodes import TRUSTED_PARTY
-from engine.status import RowResult, decide_rows, record_replicas
+from engine.ledger import decide_rows, record_replicas
+from engine.node.result import RowResult
 from engine.verification import Comparison, Verification, agree, decide
 
 # (kept result, its node, verification, parties on the winning side, every party)

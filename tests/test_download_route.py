@@ -32,7 +32,10 @@ from engine import accounts, export, logins, projects
 from engine.accounts import Role
 from engine.export import export_chunks, export_results
 from engine.settings import Settings
-from engine.status import ProjectStatus, RowResult, StorageQuota, record_results, transition_project
+from engine.ledger import record_results
+from engine.node.result import RowResult
+from engine.quota import StorageQuota
+from engine.status import ProjectStatus, transition_project
 from engine.store import Store
 from portal import downloads
 

@@ -16,7 +16,9 @@ from engine import accounts, nodes, projects
 from engine.export import export_results
 from engine.models import Task
 from engine.scheduler import Dispatcher
-from engine.status import ProjectStatus, RowResult, record_results, transition_project
+from engine.ledger import record_results
+from engine.node.result import RowResult
+from engine.status import ProjectStatus, transition_project
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,9 @@ from conftest import ROOT, engine_env, fixture_bytes, python
 from engine import accounts, projects
 from engine.export import (_cell, _output_cell, _row_writer, _safe_cell, _safe_output_cell,
                            escape_formula, export_results)
-from engine.status import ProjectStatus, RowResult, record_results, transition_project
+from engine.ledger import record_results
+from engine.node.result import RowResult
+from engine.status import ProjectStatus, transition_project
 
 # What docs/datasets.md tells users to run to undo the escape (the test below checks the page).
 UNDO = r"^'(?='*[=+\-@\t\r])"

@@ -13,7 +13,9 @@ from conftest import ROOT, fixture_bytes
 from engine import accounts, logins, projects
 from engine.accounts import Role
 from engine.models import Project
-from engine.status import ProjectStatus, RowResult, record_results, transition_project
+from engine.ledger import record_results
+from engine.node.result import RowResult
+from engine.status import ProjectStatus, transition_project
 
 PASSWORD = "long enough"
 USERS = {

@@ -19,7 +19,9 @@ from engine import accounts, logins, projects
 from engine.accounts import Role
 from engine.export import export_results
 from engine.models import DispatcherLease, Node, Project
-from engine.status import ProjectStatus, RowResult, record_replicas, record_results, transition_project
+from engine.ledger import record_replicas, record_results
+from engine.node.result import RowResult
+from engine.status import ProjectStatus, transition_project
 from test_portal import (PASSWORD, app, complete, open_page, portal, register, sign_in,  # noqa: F401
                          signed_in, submit, texts, titles, upload)
 

@@ -9,7 +9,9 @@ from engine.accounts import Role
 from engine.errors import Forbidden, NotFound
 from engine.script import check_script
 from engine.dataset import parse_dataset
-from engine.status import ProjectStatus, RowResult, record_results, transition_project
+from engine.ledger import record_results
+from engine.node.result import RowResult
+from engine.status import ProjectStatus, transition_project
 from engine.trial import trial_run
 
 

@@ -4,8 +4,9 @@ from test_portal import open_page, portal, signed_in  # noqa: F401  (portal is a
 
 from engine import accounts, projects
 from engine.models import Project
-from engine.status import (ProjectStatus, RowResult, decide_rows, record_replicas, record_results,
-                           transition_project)
+from engine.ledger import decide_rows, record_replicas, record_results
+from engine.node.result import RowResult
+from engine.status import ProjectStatus, transition_project
 from conftest import fixture_bytes
 
 

@@ -12,7 +12,9 @@ from engine import accounts, projects
 from engine.errors import InvalidDataset, InvalidRequest, InvalidScript, NotFound
 from engine.export import export_results
 from engine.models import DatasetChunk, Project, Task
-from engine.status import ProjectStatus, RowResult, record_results, transition_project
+from engine.ledger import record_results
+from engine.node.result import RowResult
+from engine.status import ProjectStatus, transition_project
 
 
 def submit(store, settings, script="square.py", data=b"x\n1\n2\n3\n", **kw):

@@ -20,7 +20,8 @@ from engine.models import Project, Replica, Task
 from engine.recorder import ResultWriter
 from engine.replication import ReplicaTracker
 from engine.settings import Settings
-from engine.status import ProjectStatus, RowResult, transition_project
+from engine.node.result import RowResult
+from engine.status import ProjectStatus, transition_project
 from engine.store import Store
 from engine.verification import Comparison
 

@@ -16,7 +16,9 @@ import pytest
 from engine import accounts, results
 from engine.errors import NotFound
 from engine.results import MAX_PAGE_CHARS, MAX_SHOWN_CHARS, PREVIEW_CHARS, full_output
-from engine.status import ProjectStatus, RowResult, record_results, transition_project
+from engine.ledger import record_results
+from engine.node.result import RowResult
+from engine.status import ProjectStatus, transition_project
 from engine.store import Store
 from test_portal import open_page, portal, signed_in, submit  # noqa: F401
 

@@ -10,7 +10,8 @@ from engine.node.result import RowResult
 from engine.node.sandbox import Limits
 from engine.replication import ReplicaTracker
 from engine.run import Batch, Run, Runs, load_run, missing_ranges, ranges_of
-from engine.status import ProjectStatus, record_replicas, record_results, transition_project
+from engine.ledger import record_replicas, record_results
+from engine.status import ProjectStatus, transition_project
 from engine.verification import Comparison
 
 

@@ -23,8 +23,10 @@ from engine.models import SCHEMA_VERSION, Project, Replica, Task, TaskHistory
 from engine.nodes import TRUSTED_PARTY
 from engine.scheduler import Dispatcher
 from engine.settings import Settings
-from engine.status import (ProjectStatus, RowResult, StorageQuota, admit_results, record_replicas,
-                           record_results, rerun_failed, transition_project)
+from engine.ledger import admit_results, record_replicas, record_results
+from engine.node.result import RowResult
+from engine.quota import StorageQuota
+from engine.status import ProjectStatus, rerun_failed, transition_project
 from engine.store import Store
 from engine.verification import Comparison
 

@@ -28,8 +28,9 @@ from engine.errors import Forbidden, InvalidRequest
 from engine.export import export_results
 from engine.models import SCHEMA_VERSION, DatasetChunk, Node, Project, Replica, Task, TaskHistory
 from engine.settings import Settings
-from engine.status import (ProjectStatus, RowResult, decide_rows, record_replicas, record_results,
-                           rerun_failed, transition_project)
+from engine.ledger import decide_rows, record_replicas, record_results
+from engine.node.result import RowResult
+from engine.status import ProjectStatus, rerun_failed, transition_project
 from engine.store import Store
 from test_nodes import labels_of, ray_node
 
