@@ -35,14 +35,13 @@ from sqlalchemy.exc import IntegrityError
 from engine.accounts import Role, require_role
 from engine.models import Node, OwnDriver, SecurityAlert, User
 from engine.nodes import short_id
-from engine.status import NodeHealth
+from engine.status import NodeHealth, NodeRole
 from engine.store import Store
 
 logger = logging.getLogger(__name__)
 
 _GRACE_SECONDS = 10.0
 ROGUE_DRIVER = "rogue-driver"
-HEAD_ROLE = "head"
 
 
 @dataclass(frozen=True)
@@ -124,9 +123,9 @@ def answer_rogues(store: Store, drain: Callable[[str], None]) -> list[Answer]:
 def _answer(store: Store, driver: Driver, drain: Callable[[str], None]) -> Answer | None:
     with store.session() as session:
         node = session.get(Node, driver.node_id)
-        volunteer = None if node is None or node.role == HEAD_ROLE else (
+        volunteer = None if node is None or node.role == NodeRole.HEAD else (
             node.volunteer or node.label_volunteer)
-        on_head = node is not None and node.role == HEAD_ROLE
+        on_head = node is not None and node.role == NodeRole.HEAD
         actions = []
         if node is not None and not on_head:
             node.health, node.health_reason = (NodeHealth.REMOVED.value,

@@ -23,10 +23,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from engine import verification
-from engine.models import Replica
-from engine.nodes import TRUSTED_PARTY
 from engine.ledger import decide_rows, record_replicas
+from engine.models import Replica
 from engine.node.result import RowResult
+from engine.nodes import TRUSTED_PARTY
+from engine.status import TaskStatus, Verdict
 from engine.verification import Comparison, Verification, agree, decide
 
 # (kept result, its node, verification, parties on the winning side, every party)
@@ -93,12 +94,12 @@ class ReplicaTracker:
                               max_replicas=self.max_replicas, comparison=self.comparison,
                               tolerance=self.tolerance,
                               unused_party_online=bool(parties_online - used))
-            if decision.verdict == "verified":
+            if decision.verdict is Verdict.VERIFIED:
                 _, node_id, result = replicas[decision.agreeing[0]]
                 agreeing = tuple(replicas[i][0] for i in decision.agreeing)
                 decided.append((result, node_id, Verification.VERIFIED.value, agreeing, every))
                 self._forget(row)
-            elif decision.verdict == "inconclusive":
+            elif decision.verdict is Verdict.INCONCLUSIVE:
                 failure = RowResult(
                     row, False, None,
                     f"Inconclusive: {len(replicas)} volunteers returned results that do not "
@@ -191,7 +192,7 @@ def recover(session: Session, tracker: ReplicaTracker, project_id: int) -> set[i
     rows = set()
     for r in session.execute(select(Replica).where(
             Replica.project_id == project_id, Replica.agreed.is_(None))).scalars():
-        tracker.add(r.party, r.node_id, [RowResult(r.row_index, r.status == "succeeded",
+        tracker.add(r.party, r.node_id, [RowResult(r.row_index, r.status == TaskStatus.SUCCEEDED,
                                                    r.output, r.error, r.traceback,
                                                    r.cpu_seconds)])
         rows.add(r.row_index)

@@ -1,9 +1,9 @@
 """Project and task statuses, and the only code that decides them.
 
 The vocabularies: a project's and a task's status, how a row's result was accepted
-(``Verification``), a node's health, whether it is online, whom it belongs to, and the
-cluster's state. tests/test_layout.py fails when one of their words is typed as a string
-outside this module.
+(``Verification``) and what its replicas decide (``Verdict``), a node's health, whether
+it is online, whom it belongs to, and the cluster's state. tests/test_layout.py fails
+when one of their words is typed as a string outside this module.
 
 The decisions: ``transition_project`` is the one way a project's status changes, along
 the transition table (``_ENTERED_FROM``); ``complete_if_done`` completes a project once
@@ -67,6 +67,15 @@ class Verification(enum.StrEnum):
 
     def is_accepted(self) -> bool:
         return self in (Verification.VERIFIED, Verification.BY_TRUST, Verification.TRUSTED)
+
+
+class Verdict(enum.StrEnum):
+    """What a row's replicas so far decide (``engine.verification.decide``); a decided row
+    is then stored with its ``Verification``."""
+
+    VERIFIED = "verified"          # enough replicas agree, and they outnumber every other group
+    MORE = "more"                  # ask one more volunteer
+    INCONCLUSIVE = "inconclusive"  # no quorum, and no more replicas may (or can) be asked for
 
 
 class NodeHealth(enum.StrEnum):

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from engine.errors import InvalidRequest
 from engine.models import SCHEMA_VERSION, Base, DispatcherLease, Meta, Project, Task
 from engine.settings import Settings
+from engine.status import ClusterStatus, NodeHealth
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +153,8 @@ class Store:
         with self.session() as session:
             lease = session.get(DispatcherLease, 1)
             if lease is None or lease.expires_at <= time.time():
-                return {"status": "no dispatcher", "message": "no dispatcher is running",
-                        "cpus": 0.0}
+                return {"status": ClusterStatus.NO_DISPATCHER.value,
+                        "message": "no dispatcher is running", "cpus": 0.0}
             return {"status": lease.cluster_status, "message": lease.cluster_message,
                     "cpus": lease.cluster_cpus}
 
@@ -179,7 +180,7 @@ def _node_health(session: Session) -> None:
     """Version 3: nodes are checked when they join, can be quarantined, and can be trusted;
     projects count the rows accepted from a trusted node."""
     existing = {c["name"] for c in inspect(session.connection()).get_columns("nodes")}
-    for column, kind in (("health", "VARCHAR(16) NOT NULL DEFAULT 'checking'"),
+    for column, kind in (("health", f"VARCHAR(16) NOT NULL DEFAULT '{NodeHealth.CHECKING.value}'"),
                          ("health_reason", "TEXT"), ("failures", "INTEGER NOT NULL DEFAULT 0"),
                          ("quarantined_until", "FLOAT"), ("checked_at", "FLOAT"),
                          ("trusted", "BOOLEAN NOT NULL DEFAULT FALSE")):

@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 from engine.accounts import Role, is_admin, require_role
 from engine.models import Trust, User
 from engine.node.result import RowResult
-from engine.status import Verification  # noqa: F401 (long imported from here)
+from engine.status import Verdict, Verification  # noqa: F401 (Verification: long imported from here)
 
 TRUST_STREAK = 10
 # How many volunteers may be asked to agree on a row, and how many replicas beyond the
@@ -96,7 +96,7 @@ def agree(a: RowResult, b: RowResult, comparison: Comparison, tolerance: float) 
 
 @dataclass(frozen=True)
 class Decision:
-    verdict: str                    # "verified", "more" or "inconclusive"
+    verdict: Verdict
     agreeing: tuple[int, ...] = ()  # indices of the replicas on the winning side
 
 
@@ -115,10 +115,10 @@ def decide(replicas: Sequence[RowResult], *, replication: int, max_replicas: int
     best = groups[0] if groups else []
     runner_up = len(groups[1]) if len(groups) > 1 else 0
     if len(best) >= replication and len(best) > runner_up:
-        return Decision("verified", tuple(best))
+        return Decision(Verdict.VERIFIED, tuple(best))
     if len(replicas) >= replication and (len(replicas) >= max_replicas or not unused_party_online):
-        return Decision("inconclusive")
-    return Decision("more")
+        return Decision(Verdict.INCONCLUSIVE)
+    return Decision(Verdict.MORE)
 
 
 def trusted(session: Session, volunteer: str, script_sha256: str) -> bool:

@@ -158,7 +158,7 @@ def test_engine_modules_import_each_other_without_a_cycle():
 def _status_words() -> set[str]:
     from engine import status
 
-    vocabularies = (status.ProjectStatus, status.TaskStatus, status.Verification,
+    vocabularies = (status.ProjectStatus, status.TaskStatus, status.Verification, status.Verdict,
                     status.NodeHealth, status.NodeStatus, status.NodeRole, status.ClusterStatus)
     return {member.value for vocabulary in vocabularies for member in vocabulary}
 
@@ -182,17 +182,6 @@ _WORDS_ALLOWED: dict[tuple[str, str], tuple[int, str]] = {
     ("engine/models.py", "volunteer"): (1, "a column name in ix_nodes_volunteer"),
     ("engine/accounts.py", "volunteer"): (1, "accounts.Role, the accounts' own vocabulary"),
     ("app_pages/results.py", "failed"): (1, "part of a widget's key (failed rows or all)"),
-    # Files not switched yet (issue #14): to be removed as they are.
-    ("engine/store.py", "no dispatcher"): (1, "cluster_health: ClusterStatus.NO_DISPATCHER"),
-    ("engine/store.py", "'checking'"): (1, "schema-6 DDL default: NodeHealth.CHECKING"),
-    ("engine/drivers.py", "head"): (1, "HEAD_ROLE: NodeRole.HEAD"),
-    ("engine/replication.py", "succeeded"): (1, "a replica's status: TaskStatus.SUCCEEDED"),
-    # verification.Decision's verdicts ("verified", "more", "inconclusive") are a vocabulary
-    # of their own that shares two words with Verification; to become an enum there.
-    ("engine/verification.py", "verified"): (1, "Decision's verdict"),
-    ("engine/verification.py", "inconclusive"): (1, "Decision's verdict"),
-    ("engine/replication.py", "verified"): (1, "Decision's verdict"),
-    ("engine/replication.py", "inconclusive"): (1, "Decision's verdict"),
 }
 
 
