@@ -125,7 +125,25 @@ def failed_tasks(session) -> str:
     return "tasks"
 
 
-class Task(Base):
+class _RowOutcome:
+    """The columns of a row's outcome, the same for its current one (``Task``) and for the
+    earlier attempts a re-run keeps (``TaskHistory``), which ``status.rerun_failed`` copies
+    from one to the other. ``sort_order`` keeps every column where it was: the row's key
+    first (``TaskHistory.attempt`` after ``row_index``), ``Task.verification`` last."""
+
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), primary_key=True,
+                                            sort_order=-3)
+    row_index: Mapped[int] = mapped_column(Integer, primary_key=True, sort_order=-2)
+    status: Mapped[str] = mapped_column(String(16))
+    output: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    traceback: Mapped[str | None] = mapped_column(Text, nullable=True)
+    node_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    cpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    finished_at: Mapped[float] = mapped_column(Float)
+
+
+class Task(_RowOutcome, Base):
     """The stored outcome of one row. A row without a Task is still pending."""
 
     __tablename__ = "tasks"
@@ -139,16 +157,7 @@ class Task(Base):
         {"sqlite_with_rowid": False},
     )
 
-    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), primary_key=True)
-    row_index: Mapped[int] = mapped_column(Integer, primary_key=True)
-    status: Mapped[str] = mapped_column(String(16))
-    output: Mapped[str | None] = mapped_column(Text, nullable=True)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    traceback: Mapped[str | None] = mapped_column(Text, nullable=True)
-    node_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    cpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
-    finished_at: Mapped[float] = mapped_column(Float)
-    verification: Mapped[str] = mapped_column(String(20), default="unverified")
+    verification: Mapped[str] = mapped_column(String(20), default="unverified", sort_order=1)
 
 
 class Replica(Base):
@@ -171,21 +180,13 @@ class Replica(Base):
     agreed: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
 
 
-class TaskHistory(Base):
+class TaskHistory(_RowOutcome, Base):
     """Earlier outcomes of rows that were re-run (``rerun-failed``): nothing is thrown away."""
 
     __tablename__ = "task_history"
 
-    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), primary_key=True)
-    row_index: Mapped[int] = mapped_column(Integer, primary_key=True)
-    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
-    status: Mapped[str] = mapped_column(String(16))
-    output: Mapped[str | None] = mapped_column(Text, nullable=True)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    traceback: Mapped[str | None] = mapped_column(Text, nullable=True)
-    node_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    cpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
-    finished_at: Mapped[float] = mapped_column(Float)
+    # After the row's key, before its outcome: the key is (project_id, row_index, attempt).
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True, sort_order=-1)
 
 
 class NodeScriptFailure(Base):
