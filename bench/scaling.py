@@ -37,7 +37,9 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path.insert(0, str(ROOT / "tests"))  # tests/postgres.py: the private PostgreSQL server
+# tests/support/postgres.py, the private PostgreSQL server, imported alone (not the support
+# package, which sets up a test session).
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 
 W2_ROW_SECONDS = 0.005
 NODE = "ab" * 28  # shaped like a Ray node id

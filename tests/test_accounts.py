@@ -9,7 +9,7 @@ import time
 import pytest
 from sqlalchemy import inspect
 
-from conftest import engine_env, python
+from support import engine_env, python
 from engine import accounts, logins
 from engine.accounts import Role
 from engine.errors import Forbidden, InvalidRequest, NotFound

@@ -9,7 +9,7 @@ import io
 
 import pytest
 
-from conftest import fixture_bytes
+from support import fixture_bytes
 from engine import accounts, credit, nodes, projects, results
 from engine.accounts import Role
 from engine.dataset import parse_dataset

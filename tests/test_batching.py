@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import submit_numbers
+from support import submit_numbers
 from engine.batching import BatchSizer
 
 

@@ -5,7 +5,7 @@ import logging
 import pytest
 from sqlalchemy import func, select
 
-from conftest import run_to_end, submit_numbers as submit
+from support import run_to_end, submit_numbers as submit
 from engine.batching import BatchSizer
 from engine.models import Task
 

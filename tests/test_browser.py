@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from conftest import FIXTURES, ROOT, python, short_tempdir
-from served_portal import served_portal
+from support import FIXTURES, ROOT, python, short_tempdir
+from support.served_portal import served_portal
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 

@@ -7,12 +7,7 @@ import time
 
 import pytest
 
-from conftest import FIXTURES, SHARED_DATA, engine_env, free_port, python
-
-
-def cli(settings, *args, check=False, timeout=300):
-    return subprocess.run([python(), "-m", "engine", *map(str, args)], env=engine_env(settings),
-                          capture_output=True, text=True, timeout=timeout, check=check)
+from support import FIXTURES, SHARED_DATA, cli, engine_env, free_port, python
 
 
 def stored_projects(settings):

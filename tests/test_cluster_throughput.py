@@ -24,7 +24,7 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from conftest import ROOT, SESSION_TOKEN, free_port, short_tempdir, write_token
+from support import ROOT, SESSION_TOKEN, free_port, short_tempdir, write_token
 from engine import accounts, projects
 from engine.models import Project, Task
 from engine.settings import Settings

@@ -10,14 +10,14 @@ import time
 import pytest
 from sqlalchemy import event, text
 
-from conftest import ROOT, engine_env
+from support import ROOT, engine_env
 from engine import accounts, credit, nodes, projects
 from engine.accounts import Role
 from engine.models import ProjectCredit
 from engine.ledger import decide_rows, record_replicas, record_results
 from engine.node.result import RowResult
 from engine.status import ProjectStatus, transition_project
-from test_nodes import labels_of, ray_node
+from support.registry import labels_of, ray_node
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import json
 import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
-from conftest import SHARED_DATA
+from support import SHARED_DATA
 from engine.dataset import parse_dataset
 from engine.errors import InvalidDataset
 

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from sqlalchemy import func, select
 
-from conftest import FIXTURES, engine_env, python
+from support import FIXTURES, engine_env, python
 from engine.dataset import parse_dataset
 from engine.errors import InvalidDataset
 from engine.json_rows import NESTING_LIMIT

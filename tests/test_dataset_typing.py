@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 
-from conftest import FIXTURES, ROOT, python, run_to_end
+from support import FIXTURES, ROOT, python, run_to_end
 from engine import accounts, projects
 from engine.dataset import parse_dataset
 from engine.errors import InvalidDataset

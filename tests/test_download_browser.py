@@ -15,11 +15,11 @@ import shutil
 
 import pytest
 
-from conftest import short_tempdir
-from served_portal import served_portal
+from support import short_tempdir
+from support.served_portal import served_portal
 from test_browser import (CHROMIUM, PORTAL_START_SECONDS, browser, first_render, main_area,  # noqa: F401
                           page, settled, shot, sign_in_here, signed_in_as)
-from test_download_route import add_people, big_output, exported, fetch, project_of
+from support.downloads import add_people, big_output, exported, fetch, project_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 

@@ -11,7 +11,7 @@ import time
 import pytest
 from sqlalchemy import select
 
-from conftest import fixture_bytes, run_to_end, submit_numbers as submit
+from support import fixture_bytes, run_to_end, submit_numbers as submit
 from engine import accounts, nodes, projects
 from engine.export import export_results
 from engine.models import Task

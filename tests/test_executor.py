@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, fixture_bytes
+from support import ROOT, fixture_bytes
 from engine.node import executor, meter, probe, sandbox
 from engine.node.executor import Limits, run_rows
 from engine.settings import Settings

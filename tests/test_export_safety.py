@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from hypothesis import example, given, settings as hypothesis_settings, strategies as st
 
-from conftest import ROOT, engine_env, fixture_bytes, python
+from support import ROOT, engine_env, fixture_bytes, python
 from engine import accounts, projects
 from engine.export import (_cell, _output_cell, _row_writer, _safe_cell, _safe_output_cell,
                            escape_formula, export_results)

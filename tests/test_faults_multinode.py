@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from conftest import (project_ended as ended, run_to_end, short_tempdir,
+from support import (project_ended as ended, run_to_end, short_tempdir,
                       submit_numbers as submit)
 from engine import accounts, cluster, projects
 from engine.models import Node, NodeScriptFailure, Task
 from engine.status import NodeHealth
 from engine.scheduler import Dispatcher
 from volunteer_cluster import assert_clean_node, plain_join_command, start_node
-from volunteer_env import base_python, volunteer_home, volunteer_python
+from support.volunteer_env import base_python, volunteer_home, volunteer_python
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, ROOT, engine_env, free_port, python
+from support import FIXTURES, ROOT, engine_env, free_port, python
 
 TETHER = ROOT / "engine" / "tether.py"
 

@@ -20,7 +20,7 @@ import logging
 import pytest
 from sqlalchemy import select
 
-from conftest import fixture_bytes
+from support import fixture_bytes
 from engine import accounts, credit, nodes, projects
 from engine.accounts import Role
 from engine.export import export_results

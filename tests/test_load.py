@@ -41,8 +41,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, fixture_bytes, project_ended, short_tempdir
-from served_portal import served_portal
+from support import ROOT, fixture_bytes, project_ended, short_tempdir
+from support.served_portal import served_portal
 from portal_session import RUN_TIMEOUT, Session, sign_in, value, widget
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from engine import confinement
-from volunteer_env import BASE, give_to, node_uid
+from support.volunteer_env import BASE, give_to, node_uid
 
 # Stands in for Ray: reports what a process started by `ray start` sees, then leaves a
 # process behind (as a task could) and returns, as `ray start` without --block does.

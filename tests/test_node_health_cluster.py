@@ -20,7 +20,7 @@ import time
 import pytest
 from sqlalchemy import select
 
-from conftest import FIXTURES
+from support import FIXTURES
 from engine import accounts, credit, nodes
 from engine.export import export_results
 from engine.models import Node, Replica

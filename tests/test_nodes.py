@@ -7,16 +7,16 @@ same rules against a real multi-node cluster.
 
 import logging
 import os
-import shlex
 import stat
 import subprocess
 import sys
 
 import pytest
-from ray._private.label_utils import parse_node_labels_string, validate_label_selector
+from ray._private.label_utils import validate_label_selector
 
-from conftest import ROOT, engine_env
-from engine import accounts, confinement, nodes
+from support import ROOT, engine_env
+from support.registry import labels_of, parse, ray_node
+from engine import accounts, nodes
 from engine.accounts import Role
 from engine.errors import Forbidden, NotFound
 
@@ -27,37 +27,6 @@ def people(store):
                         ("rita", {Role.RESEARCHER})):
         accounts.create_user(store, name, roles)
     return store
-
-
-def parse(command: str) -> tuple[dict, list[str]]:
-    """Split a join command into its environment assignments and the ``ray start`` argv it
-    runs (inside the node's confinement: ``bwrap ... -- sh -c SCRIPT $0 OPTIONS``)."""
-    words = shlex.split(command)
-    env = {}
-    while "=" in words[0] and not words[0].startswith("-"):
-        key, value = words.pop(0).split("=", 1)
-        env[key] = value
-    assert words[0] == "bwrap", words[:3]
-    script = words.index(confinement.NODE_WATCH)
-    assert words[script - 2:script] == ["sh", "-c"] and 'ray start "$@"' in words[script]
-    return env, ["ray", "start", *words[script + 2:]]
-
-
-def labels_of(command: str) -> dict:
-    _, argv = parse(command)
-    (value,) = [w.split("=", 1)[1] for w in argv if w.startswith("--labels=")]
-    return parse_node_labels_string(value)  # Ray's own parser and validator
-
-
-def ray_node(node_id: str, labels: dict | None = None, alive: bool = True, head: bool = False,
-             cpus: float = 2.0) -> dict:
-    """An entry shaped like one item of ``ray.nodes()``."""
-    resources = {"CPU": cpus, "memory": 2e9, "node:192.0.2.9": 1.0} if alive else {}
-    if head and alive:
-        resources["node:__internal_head__"] = 1.0
-    return {"NodeID": node_id, "Alive": alive, "NodeManagerAddress": "192.0.2.9",
-            "NodeManagerHostname": "box", "Resources": resources,
-            "Labels": {**(labels or {}), "ray.io/node-id": node_id}}
 
 
 def by_id(store):

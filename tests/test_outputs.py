@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import fixture_bytes, run_to_end, submit_numbers
+from support import fixture_bytes, run_to_end, submit_numbers
 from engine import accounts
 from engine.export import export_results
 from engine.node import executor

@@ -7,7 +7,7 @@ the registry, the health book and the placement are the dispatcher's own.
 import pytest
 from sqlalchemy import select
 
-from conftest import submit_numbers
+from support import submit_numbers
 from engine import accounts, nodes
 from engine.accounts import Role
 from engine.batching import BatchSizer

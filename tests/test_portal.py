@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import ROOT, fixture_bytes
+from support import ROOT, fixture_bytes
 from engine import accounts, logins, projects
 from engine.accounts import Role
 from engine.models import Project
@@ -436,7 +436,7 @@ def test_leaderboard_for_anonymous_visitors(portal):
 
 def test_leaderboard_ranks_volunteers_by_credit(portal, settings):
     from engine import credit, nodes
-    from test_nodes import labels_of, ray_node
+    from support.registry import labels_of, ray_node
 
     nodes.sync_registry(portal, settings, [
         ray_node("vic-node", labels_of(nodes.join_command(portal, settings, "vic"))),

@@ -14,7 +14,7 @@ import time
 import pytest
 from sqlalchemy import text
 
-from conftest import fixture_bytes
+from support import fixture_bytes
 from engine import accounts, logins, projects
 from engine.accounts import Role
 from engine.export import export_results

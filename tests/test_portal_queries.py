@@ -3,7 +3,7 @@ the trial run. Real SQLite, real sandboxed execution, no Ray."""
 
 import pytest
 
-from conftest import fixture_bytes
+from support import fixture_bytes
 from engine import accounts, projects, results
 from engine.accounts import Role
 from engine.errors import Forbidden, NotFound

@@ -7,7 +7,7 @@ from engine.models import Project
 from engine.ledger import decide_rows, record_replicas, record_results
 from engine.node.result import RowResult
 from engine.status import ProjectStatus, transition_project
-from conftest import fixture_bytes
+from support import fixture_bytes
 
 
 def test_replicated_project_shows_verification_on_status_and_results(portal):

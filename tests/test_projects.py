@@ -7,7 +7,7 @@ import json
 import pytest
 from sqlalchemy import func, select
 
-from conftest import fixture_bytes
+from support import fixture_bytes
 from engine import accounts, projects
 from engine.errors import InvalidDataset, InvalidRequest, InvalidScript, NotFound
 from engine.export import export_results

@@ -15,7 +15,7 @@ import threading
 import pytest
 from sqlalchemy import func, select
 
-from conftest import fill_disk as fill, small_disk as small_disk_at, submit_numbers
+from support import fill_disk as fill, small_disk as small_disk_at, submit_numbers
 from engine.models import Project, Replica, Task
 from engine.recorder import ResultWriter
 from engine.replication import ReplicaTracker

@@ -10,7 +10,7 @@ import time
 import pytest
 from sqlalchemy import select
 
-from conftest import (engine_env, fill_disk, fixture_bytes, project_ended as ended, python,
+from support import (engine_env, fill_disk, fixture_bytes, project_ended as ended, python,
                       run_to_end, small_disk, stop_serve, submit_numbers as submit)
 from engine import accounts, projects
 from engine.models import Project, Task, TaskHistory
@@ -176,7 +176,7 @@ def test_head_death_is_survived_by_serve(settings, tmp_path):
     is reported unavailable, the head comes back and the project completes."""
     import urllib.request
 
-    from conftest import free_ports
+    from support import free_ports
 
     ray_port, portal_port = free_ports(2)
     settings = settings.replace(ray_port=ray_port, portal_port=portal_port, ray_num_cpus=2)

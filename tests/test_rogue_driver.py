@@ -27,11 +27,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from conftest import FIXTURES
+from support import FIXTURES
 from engine import accounts, cluster, drivers, nodes
 from engine.models import Node, SecurityAlert, User
 from volunteer_cluster import run_until, volunteer_cluster
-from volunteer_env import copy_into_home, volunteer_python
+from support.volunteer_env import copy_into_home, volunteer_python
 
 DAEMON = b"sleep\x007777\x00"  # the rogue task's daemon (fixtures/rogue_driver.py)
 

@@ -3,7 +3,7 @@
 
 import time
 
-from conftest import fixture_bytes, submit_numbers
+from support import fixture_bytes, submit_numbers
 from engine.batching import BatchSizer
 from engine.models import NodeScriptFailure, Project
 from engine.node.result import RowResult

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, fixture_bytes
+from support import ROOT, fixture_bytes
 from engine import accounts, projects
 from engine.export import export_results
 from engine.models import Project

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import run_to_end, submit_numbers
+from support import run_to_end, submit_numbers
 from engine import accounts
 from engine.errors import InvalidRequest
 from engine.export import export_results

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import fixture_bytes, run_to_end
+from support import fixture_bytes, run_to_end
 from engine import accounts, projects
 from engine.export import export_results
 from engine.node import executor, pool, sandbox

@@ -16,7 +16,7 @@ import random
 import pytest
 from sqlalchemy import func, inspect, select, text
 
-from conftest import fixture_bytes, on_backend
+from support import fixture_bytes, on_backend
 from engine import accounts, projects, replication
 from engine.accounts import Role
 from engine.models import SCHEMA_VERSION, Project, Replica, Task, TaskHistory

@@ -21,7 +21,7 @@ import time
 import pytest
 from sqlalchemy import func, select, text
 
-from conftest import ROOT, engine_env, fixture_bytes, on_backend, python
+from support import ROOT, engine_env, fixture_bytes, on_backend, python
 from engine import accounts, credit, logins, nodes, projects, results
 from engine.accounts import Role
 from engine.errors import Forbidden, InvalidRequest
@@ -32,7 +32,7 @@ from engine.ledger import decide_rows, record_replicas, record_results
 from engine.node.result import RowResult
 from engine.status import ProjectStatus, rerun_failed, transition_project
 from engine.store import Store
-from test_nodes import labels_of, ray_node
+from support.registry import labels_of, ray_node
 
 NODE_A = "a" * 56  # shaped like Ray node ids (hex), so the single-node fast path is taken
 NODE_B = "b" * 56

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import engine_env, free_port, python, stop_serve
+from support import engine_env, free_port, python, stop_serve
 from engine import accounts, cluster, nodes
 from engine.accounts import Role
 from engine.store import Store

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import fixture_bytes
+from support import fixture_bytes
 from engine import accounts, trial
 from engine.accounts import Role
 from engine.dataset import parse_dataset

@@ -24,7 +24,7 @@ from typing import Callable
 import pytest
 from sqlalchemy import select
 
-from conftest import FIXTURES
+from support import FIXTURES
 from engine import accounts, credit, projects
 from engine.export import export_results
 from engine.models import Project, Replica, Task

@@ -13,7 +13,7 @@ from engine.errors import Forbidden, InvalidRequest, NotFound
 from engine.models import SCHEMA_VERSION
 from engine.settings import Settings
 from engine.store import Store
-from test_cli import cli
+from support import cli
 from test_portal import PASSWORD, open_page, portal, signed_in, texts  # noqa: F401  (portal is a fixture)
 
 

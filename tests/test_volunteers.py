@@ -21,13 +21,13 @@ import time
 import pytest
 from sqlalchemy import select
 
-from conftest import ROOT
+from support import ROOT
 from engine import accounts, credit, nodes
 from engine.export import export_results
 from engine.models import Project, Replica, Task
 from volunteer_cluster import (VolunteerCluster, assert_clean_node, node_temp_dir, run_to_end,
                               submit, volunteer_cluster, volunteer_env)
-from volunteer_env import volunteer_python
+from support.volunteer_env import volunteer_python
 
 pytestmark = pytest.mark.slow
 

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from conftest import ROOT, fixture_bytes, free_port, free_ports, short_tempdir, write_token
+from support import ROOT, fixture_bytes, free_port, free_ports, short_tempdir, write_token
 from engine import accounts, confinement, nodes, projects
 from engine.accounts import Role
 from engine.models import Project
 from engine.settings import Settings
 from engine.status import ProjectStatus
 from engine.store import Store
-from volunteer_env import (copy_into_home, give_to, node_environ, node_uid, volunteer_env,
+from support.volunteer_env import (copy_into_home, give_to, node_environ, node_uid, volunteer_env,
                            volunteer_home)
 
 __all__ = ["VolunteerCluster", "VolunteerNode", "add_volunteer", "assert_clean_node", "ended",

@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-ROOT = Path(__file__).resolve().parent.parent
+# Its own ROOT, not support.ROOT: it also runs alone, as a script (see the end).
+ROOT = Path(__file__).resolve().parents[2]
 BASE = Path(os.environ.get("CONSTELLATION_VOLUNTEER_DIR", "/var/tmp/constellation-volunteer"))
 STAMP = "constellation-volunteer.json"
 # What the project needs and a volunteer does not have: none may be importable there.
@@ -284,5 +285,5 @@ def _discard(venv: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-if __name__ == "__main__":  # build it ahead of a test run: python tests/volunteer_env.py
+if __name__ == "__main__":  # build it ahead of a test run: python tests/support/volunteer_env.py
     print(volunteer_python())

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from conftest import ROOT, free_ports, python
+from support import ROOT, free_ports, python
 
 
 @dataclass

@@ -7,9 +7,10 @@ package's ``postgres`` system user (``nobody`` if that user is missing): the dir
 handed to that user, and ``subprocess`` switches uid before it executes ``initdb`` and
 ``postgres``, which needs neither ``su`` nor ``runuser``.
 
-``make test`` installs the package (``make system-deps``). Without it the fixture skips
-with the reason, except under CI (``CI`` set), where a missing server must fail loudly
-rather than quietly drop the PostgreSQL half of the store's tests.
+``make test`` installs the package (``make system-deps``). Without it the
+``postgres_server`` fixture (``tests/conftest.py``) skips with the reason, except under CI
+(``CI`` set), where a missing server must fail loudly rather than quietly drop the
+PostgreSQL half of the store's tests. ``bench/scaling.py`` imports this module alone.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-
-import pytest
 
 BIN_GLOB = "/usr/lib/postgresql/*/bin"
 USER = "constellation"
@@ -138,16 +137,3 @@ class PostgresServer:
                 self.process.wait()
         shutil.rmtree(self.root, ignore_errors=True)
 
-
-@pytest.fixture(scope="session")
-def postgres_server():
-    """A PostgreSQL server for the whole session; each test makes its own database."""
-    try:
-        server = PostgresServer()
-    except PostgresUnavailable as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"{exc} (CI must run the store's tests on PostgreSQL)")
-        pytest.skip(str(exc))
-    server.start()
-    yield server
-    server.stop()
