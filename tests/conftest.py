@@ -77,10 +77,3 @@ def store(settings) -> Store:
     return Store(settings)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    """Keep each phase's report on the test item (``item.rep_call``), for fixtures that
-    gather evidence when the test failed."""
-    outcome = yield
-    report = outcome.get_result()
-    setattr(item, f"rep_{report.when}", report)

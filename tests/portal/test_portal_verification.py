@@ -1,6 +1,6 @@
 """The Projects and Results pages show verification: counts, overhead, notice, per-row state."""
 
-from test_portal import open_page, portal, signed_in  # noqa: F401  (portal is a fixture)
+from portal_pages import open_page, signed_in
 
 from engine import accounts, projects
 from engine.models import Project

@@ -24,12 +24,6 @@ SURROGATE = ("ValueError: main returned text that is not valid Unicode (a lone s
              "'\\ud800'), which cannot be stored")
 
 
-@pytest.fixture(autouse=True)
-def _stop_children():
-    yield
-    executor.shutdown()
-
-
 @pytest.fixture(scope="module")
 def results():
     source = fixture_bytes("not_json.py").decode()

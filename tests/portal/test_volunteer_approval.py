@@ -14,7 +14,7 @@ from engine.models import SCHEMA_VERSION
 from engine.settings import Settings
 from engine.store import Store
 from support import cli
-from test_portal import PASSWORD, open_page, portal, signed_in, texts  # noqa: F401  (portal is a fixture)
+from portal_pages import PASSWORD, open_page, signed_in, texts
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 Worker nodes are real ``ray start`` processes joined to the session's head with the
 cluster token, each with its own temp dir and ports, run as a volunteer's machine is: the
 clean volunteer venv (the pinned Ray only), a minimal environment and a home of its own
-outside /tmp (``tests/volunteer_env.py``). They are stopped by process group and PID.
+outside /tmp (``tests/support/volunteer_env.py``). They are stopped by process group and PID.
 """
 
 import os

@@ -3,7 +3,7 @@ accepts writes, for replicated projects as for the others, and the project canno
 complete meanwhile.
 
 The store is a real SQLite file on an 8 MB tmpfs that a filler file fills up (as in
-tests/test_reliability.py's full-disk test, here without Ray): the writer gets the results
+tests/ray/test_reliability.py's full-disk test, here without Ray): the writer gets the results
 a batch would bring back.
 """
 

@@ -20,12 +20,6 @@ MIB = 1 << 20
 SMALL = Limits(row_timeout=60.0, memory_bytes=256 * MIB)
 
 
-@pytest.fixture(autouse=True)
-def _stop_children():
-    yield
-    executor.shutdown()
-
-
 def fill(targets, limits=SMALL):
     source = fixture_bytes("hostile_fills_tmp.py").decode()
     rows = [(x, [x, t]) for x, t in enumerate(targets)]

@@ -13,24 +13,17 @@ import os
 import re
 import shutil
 import subprocess
-import time
 
 import pytest
 
+from browser_pages import (CHROMIUM, PORTAL_START_SECONDS, STEP_MS, field, first_render, main_area,
+                           nav_link, settled, shot, sign_in_here, signed_in_as)
 from support import FIXTURES, ROOT, python, short_tempdir
 from support.served_portal import served_portal
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = ROOT / "test-artifacts"
 ROWS = 3000
-# Waits sized for a loaded 2-core machine, where the app's scripts, Ray, the dispatcher and
-# Chromium share the cores. A new session (a first visit, a reload) waits longest: Streamlit
-# starts the script for it, and its first render there has taken many seconds.
-FIRST_RENDER_MS = 180_000
-STEP_MS = 60_000            # anything else: a rerun, a page switch, a click's effect
-PORTAL_START_SECONDS = 240
 
 
 @pytest.fixture(scope="module")
@@ -46,121 +39,9 @@ def stack():
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import expect, sync_playwright
-
-    # expect() waits only 5 s unless told otherwise (the page's default timeout does not
-    # apply to it): too short here, even for a rerun.
-    expect.set_options(timeout=STEP_MS)
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"])
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser, request, stack):
-    # Streamlit scrolls inside its main container, so a "full page" screenshot holds only
-    # the viewport: make the viewport tall instead.
-    context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 2000})
-    page = context.new_page()
-    page.set_default_timeout(STEP_MS)
-    page.set_default_navigation_timeout(FIRST_RENDER_MS)
-    # Every URL the page asked for: the portal must not make the browser fetch anything
-    # from another host (fonts, icons).
-    page.requested = []
-    context.on("request", lambda r: page.requested.append(r.url))
-    yield page
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        # What the browser showed and what the portal logged, for a failure seen only in CI.
-        shot(page, f"failed-{request.node.name}")
-        print(f"--- the portal's log ({stack.log}), last lines:\n{stack.log.read_text()[-4000:]}")
-    context.close()
-
-
-def shot(page, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
-def main_area(page):
-    return page.locator('[data-testid="stMain"]')
-
-
-def field(main, label: str):
-    return main.locator(f'input[aria-label="{label}"], textarea[aria-label="{label}"]')
-
-
-def first_render(locator) -> None:
-    """Wait for what a new session shows first (after goto or reload), as long as it takes
-    Streamlit to start the session and run its script on a loaded machine."""
-    from playwright.sync_api import expect
-
-    expect(locator).to_be_visible(timeout=FIRST_RENDER_MS)
-
-
-def nav_link(page, label: str):
-    return page.locator('[data-testid="stSidebarNav"]').get_by_role("link", name=label)
-
-
-def settled(page, quiet_seconds: float = 1.0) -> None:
-    """Wait until the app's script has stopped running and stays stopped a moment.
-
-    A click that lands while a rerun is under way can be lost: after signing in, the cookie
-    component's own rerun can follow the first run by a second or so on a loaded machine
-    (CI lost a "Continue" click that way), and a rerun also invalidates a deferred
-    download's id. Streamlit marks the app element with the script's state.
-    """
-    idle = '[data-testid="stApp"][data-test-script-state="notRunning"]'
-    deadline = time.monotonic() + 2 * STEP_MS / 1000
-    while True:
-        page.wait_for_selector(idle, timeout=STEP_MS)
-        time.sleep(quiet_seconds)
-        if page.locator(idle).count():
-            return
-        assert time.monotonic() < deadline, "the app never settled"
-
-
-def signed_in_as(page, name: str):
-    """The sidebar's "Signed in as NAME" (not the message of the run that signed in)."""
-    return page.locator('[data-testid="stSidebar"]').get_by_text(f"Signed in as {name}")
-
-
 def outside_requests(page, stack) -> list[str]:
     return sorted({u for u in page.requested
                    if not u.startswith((stack.url, "data:", "blob:", "about:"))})
-
-
-def sign_in_here(main, name: str, password: str = "a long password") -> None:
-    """Fill the sign-in form on the page (the Sign in page, or a page refused to visitors),
-    once the app has settled, and click until the sidebar says NAME is signed in: a click
-    during the cookie component's rerun is lost (CI lost one: the form stayed filled,
-    nobody signed in)."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-    button, marker = main.get_by_role("button", name="Sign in"), signed_in_as(main.page, name)
-    deadline = time.monotonic() + STEP_MS / 1000
-    while True:
-        settled(main.page)
-        field(main, "User name").fill(name)
-        field(main, "Password").fill(password)
-        button.click()
-        try:
-            marker.wait_for(state="visible", timeout=15_000)
-            return
-        except PlaywrightTimeout:
-            # Under two busy loops CI lost a click even after the app had settled: the
-            # form stayed filled and the portal's log shows no sign-in. Every caller signs
-            # in with the right password, so a second click cannot count as a wrong guess.
-            assert time.monotonic() < deadline, f"{name} was never signed in"
-            if not button.is_visible():
-                marker.wait_for(state="visible", timeout=STEP_MS)
-                return
 
 
 def cli(stack, *args, stdin: str = "") -> str:

@@ -15,12 +15,6 @@ from engine.settings import Settings
 LIMITS = Limits(row_timeout=2.0, sandbox="bwrap")
 
 
-@pytest.fixture(autouse=True)
-def _stop_children():
-    yield
-    executor.shutdown()
-
-
 def run(script, xs, limits=LIMITS):
     source = fixture_bytes(script).decode()
     return run_rows(source, script, ["x"], [(i, [x]) for i, x in enumerate(xs)], limits)

@@ -15,10 +15,10 @@ import shutil
 
 import pytest
 
+from browser_pages import (CHROMIUM, PORTAL_START_SECONDS, first_render, main_area, settled, shot,
+                           sign_in_here, signed_in_as)
 from support import short_tempdir
 from support.served_portal import served_portal
-from test_browser import (CHROMIUM, PORTAL_START_SECONDS, browser, first_render, main_area,  # noqa: F401
-                          page, settled, shot, sign_in_here, signed_in_as)
 from support.downloads import add_people, big_output, exported, fetch, project_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]

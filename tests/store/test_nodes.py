@@ -1,7 +1,7 @@
 """The join command and the node registry, on real SQLite (no Ray cluster needed).
 
 ``sync_registry`` takes ``ray.nodes()`` output; here it gets hand-written entries of that
-shape, so that each claim rule is checked on its own. tests/test_volunteers.py checks the
+shape, so that each claim rule is checked on its own. tests/cluster/test_volunteers.py checks the
 same rules against a real multi-node cluster.
 """
 

@@ -41,7 +41,7 @@ def replace_label(command: str, key: str, value: str) -> str:
 @pytest.fixture(scope="module")
 def cluster():
     # The head offers one CPU so that most work goes to the volunteers. Unclaimed nodes run
-    # no work (the default); tests/test_credit.py shows that their work would earn nothing.
+    # no work (the default); tests/store/test_credit.py shows that their work would earn nothing.
     def others(commands: dict[str, str]) -> dict[str, tuple[str, bool]]:
         alice = commands["alice"]
         return {"forger": (replace_label(alice, nodes.SIGNATURE_LABEL, "1-" + "0" * 40), True),

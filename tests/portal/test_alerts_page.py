@@ -8,7 +8,7 @@ import time
 
 from engine import accounts, drivers
 from engine.models import Node
-from test_portal import open_page, portal, signed_in, texts  # noqa: F401  (portal is a fixture)
+from portal_pages import open_page, signed_in, texts
 
 VIC_NODE, HEAD_NODE, STRANGER = "a" * 56, "h" * 56, "e" * 56
 

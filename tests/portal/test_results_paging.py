@@ -20,7 +20,7 @@ from engine.ledger import record_results
 from engine.node.result import RowResult
 from engine.status import ProjectStatus, transition_project
 from engine.store import Store
-from test_portal import open_page, portal, signed_in, submit  # noqa: F401
+from portal_pages import open_page, signed_in, submit
 
 NODE = "a" * 56
 MB = 1_000_000  # an output of 1 MB: below MAX_SHOWN_CHARS (1 MiB), so shown whole

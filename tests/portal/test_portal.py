@@ -7,24 +7,16 @@ exactly as the dispatcher would store them.
 from __future__ import annotations
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
-from support import ROOT, fixture_bytes
-from engine import accounts, logins, projects
-from engine.accounts import Role
+from portal_pages import (USERS, app, complete, open_page, register, sign_in, signed_in, submit, texts,
+                          titles, upload)
+from support import fixture_bytes
+from engine import accounts, logins
 from engine.models import Project
 from engine.ledger import record_results
 from engine.node.result import RowResult
 from engine.status import ProjectStatus, transition_project
 
-PASSWORD = "long enough"
-USERS = {
-    "ada": {Role.RESEARCHER},
-    "bob": {Role.RESEARCHER},
-    "vic": {Role.VOLUNTEER},
-    "both": {Role.RESEARCHER, Role.VOLUNTEER},
-    "root": {Role.ADMIN},
-}
 # page -> (its title, who may use it: a set of user names; None stands for anonymous)
 PAGES = {
     "app_pages/login.py": ("Constellation", {None}),
@@ -36,80 +28,6 @@ PAGES = {
     "app_pages/leaderboard.py": ("Leaderboard", {None, "ada", "bob", "vic", "both", "root"}),
     "app_pages/admin.py": ("Admin", {"root"}),
 }
-
-
-@pytest.fixture
-def portal(settings, store, monkeypatch):
-    """The portal's environment: the test's data directory, and one account per role."""
-    monkeypatch.setenv("CONSTELLATION_DATA_DIR", settings.data_dir)
-    monkeypatch.setenv("CONSTELLATION_ROW_TIMEOUT", "10")
-    for name, roles in USERS.items():
-        accounts.add_user(store, name, roles, password=PASSWORD, email=f"{name}@x.org")
-    return store
-
-
-def app() -> AppTest:
-    at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=60)
-    at.run()
-    assert not at.exception, at.exception
-    return at
-
-
-def sign_in(at: AppTest, name: str, password: str = PASSWORD) -> AppTest:
-    at.text_input[0].input(name)
-    at.text_input[1].input(password)
-    at.button[0].click()
-    at.run()
-    return at
-
-
-def signed_in(name: str | None) -> AppTest:
-    """A session signed in through the form. In a browser, the sign-in cookie's component
-    starts the run after the one that signed in; here the test starts it."""
-    at = app()
-    if name is None:
-        return at
-    sign_in(at, name)
-    assert texts(at, "success") == [f"Signed in as {name}."], texts(at, "error")
-    at.run()
-    assert not at.exception, at.exception
-    return at
-
-
-def open_page(at: AppTest, page: str, **query) -> AppTest:
-    at.query_params.clear()
-    for key, value in query.items():
-        at.query_params[key] = str(value)
-    at.switch_page(page)
-    at.run()
-    assert not at.exception, at.exception
-    return at
-
-
-def titles(at: AppTest) -> list[str]:
-    return [t.value.split(" ", 1)[1] for t in at.title]
-
-
-def texts(at: AppTest, kind: str) -> list[str]:
-    # The portal escapes Markdown in messages that carry user content; read them as text.
-    return [e.value.replace("\\", "") for e in getattr(at, kind)]
-
-
-def submit(store, owner: str, script="square.py", rows=10, title="squares") -> int:
-    data = b"x\n" + b"".join(b"%d\n" % i for i in range(1, rows + 1))
-    return projects.submit_project(store, store.settings, accounts.get_user(store, owner),
-                                   title=title, script_name=script, script_bytes=fixture_bytes(script),
-                                   dataset_name="d.csv", dataset_bytes=data)
-
-
-def complete(store, project_id: int, fail_every: int = 0, node="node-aaaaaaaaaaaa") -> None:
-    with store.session() as s:
-        transition_project(s, project_id, ProjectStatus.RUNNING)
-        total = s.get(Project, project_id).rows_total
-        record_results(s, project_id, [
-            RowResult(i, False, None, f"ValueError: row {i}", f"Traceback (most recent call last):\nrow {i}", 0.01)
-            if fail_every and i % fail_every == 0 else RowResult(i, True, str((i + 1) ** 2), None, None, 0.01)
-            for i in range(total)], node)
 
 
 # -- signing in and registering ---------------------------------------------------------
@@ -141,20 +59,6 @@ def test_role_gating_matrix(portal, who):
             assert ("ask an admin to add the role" in told) if not page.endswith("admin.py") \
                 else ("command line" in told), (who, page, told)
         assert not at.file_uploader and not at.dataframe, (who, page)
-
-
-def register(at, name: str, email: str | None = None, password: str = "a good password",
-             role: str | None = None):
-    """Fill the registration form (fields left as None keep what they hold) and submit it."""
-    at.text_input(key="reg_name").input(name)
-    if email is not None:
-        at.text_input(key="reg_email").input(email)
-    at.text_input(key="reg_password").input(password)
-    at.text_input(key="reg_repeat").input(password)
-    if role is not None:
-        at.radio(key="reg_role").set_value(role)
-    at.button[0].click()
-    return at.run()
 
 
 def test_registering_signs_in_and_lands_on_the_users_page(portal):
@@ -217,13 +121,6 @@ def test_sign_out(portal):
 
 
 # -- submit ------------------------------------------------------------------------------
-
-
-def upload(at: AppTest, key: str, name: str, data: bytes, mime: str) -> AppTest:
-    at.file_uploader(key=key).set_value((name, data, mime))
-    at.run()
-    assert not at.exception, at.exception
-    return at
 
 
 def test_submit_validates_on_upload_trial_runs_and_submits(portal):

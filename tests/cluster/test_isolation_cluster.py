@@ -1,7 +1,7 @@
 """One user never affects another, on a real cluster of volunteers (issue 13, items 1, 2, 4).
 
 Two volunteers, alice and bob, each join with a real 1-CPU ``ray start`` node from the
-clean volunteer venv (tests/volunteer_cluster.py); the head offers no CPUs, so every row
+clean volunteer venv (tests/cluster/volunteer_cluster.py); the head offers no CPUs, so every row
 runs on both volunteers (replication 2) and earns them credit when they agree. Two
 researchers, ada and grace, submit projects as the portal would.
 

@@ -1,5 +1,5 @@
 """The store on both backends: every test runs on a real SQLite file and on a real
-PostgreSQL server (tests/postgres.py starts one from Debian's package for the session).
+PostgreSQL server (tests/support/postgres.py starts one from Debian's package for the session).
 
 What is checked is what the engine writes and reads through SQL of its own: submission
 in chunks, the results hot path (ON CONFLICT, counters, completion), re-runs, the

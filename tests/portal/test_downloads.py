@@ -297,7 +297,7 @@ def test_the_download_limits_are_settings_of_at_least_one():
 def test_the_results_page_links_to_the_route_with_a_token_for_the_signed_in_user(people, settings):
     import re
 
-    from test_portal import open_page, signed_in
+    from portal_pages import open_page, signed_in
 
     pid = project_of(people, "ada", [1, 2, 3])
     at = open_page(signed_in("ada"), "app_pages/results.py", id=pid)

@@ -22,8 +22,8 @@ from engine.models import DispatcherLease, Node, Project
 from engine.ledger import record_replicas, record_results
 from engine.node.result import RowResult
 from engine.status import ProjectStatus, transition_project
-from test_portal import (PASSWORD, app, complete, open_page, portal, register, sign_in,  # noqa: F401
-                         signed_in, submit, texts, titles, upload)
+from portal_pages import (PASSWORD, app, complete, open_page, register, sign_in, signed_in, submit,
+                          texts, titles, upload)
 
 
 # -- getting in -----------------------------------------------------------------------------

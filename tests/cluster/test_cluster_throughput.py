@@ -4,7 +4,7 @@ machine, through the real dispatcher and sandbox.
 The engine starts the head (``LocalHead``, as ``make run`` does); each worker is a real
 ``ray start`` node joined with the cluster token, run as a volunteer's machine is: the
 clean volunteer venv (the pinned Ray only), a minimal environment and a home of its own
-(``tests/volunteer_env.py``). Not ``ray.cluster_utils.Cluster``: its nodes run from the
+(``tests/support/volunteer_env.py``). Not ``ray.cluster_utils.Cluster``: its nodes run from the
 project's environment, and it writes /tmp/ray/ray_current_cluster whatever its temp dir,
 which fails on a machine that never ran Ray.
 

@@ -1,6 +1,6 @@
 """The Join page: a volunteer's own command, and rotating its signature."""
 
-from test_portal import open_page, portal, signed_in  # noqa: F401  (portal is a fixture)
+from portal_pages import open_page, signed_in
 
 from engine import accounts, nodes
 from engine.errors import NotFound

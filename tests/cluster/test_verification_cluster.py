@@ -7,7 +7,7 @@ node forge the results it reports (nothing in the engine knows about it). The he
 offers no CPUs (``ray_num_cpus=0``): the head would count as a fourth party that is never
 trusted, which would blur both the quorum arithmetic (three parties, so the notice for
 ``replication = 4`` is exact) and the adaptive-trust measurement. The head's own work is
-covered by tests/test_volunteers.py.
+covered by tests/cluster/test_volunteers.py.
 
 Tests run in file order on one cluster; each uses its own script, because trust is kept
 per volunteer and script. The last test adds a fourth volunteer, dave, and stops his node.
