@@ -2,7 +2,7 @@
 
 The vocabularies: a project's and a task's status, how a row's result was accepted
 (``Verification``) and what its replicas decide (``Verdict``), a node's health, whether
-it is online, whom it belongs to, and the cluster's state. tests/test_layout.py fails
+it is online, whom it belongs to, and the cluster's state. tests/unit/test_layout.py fails
 when one of their words is typed as a string outside this module.
 
 The decisions: ``transition_project`` is the one way a project's status changes, along
@@ -126,7 +126,7 @@ NODE_FAILURE = "NodeFailure"
 # A literal, not a bound parameter: SQLite uses the partial index on failed rows
 # (``failed_tasks``) only when the query repeats its WHERE clause word for word. The
 # index's own DDL in engine.models spells it too (models cannot import this module, which
-# imports it); tests/test_layout.py checks that the two are the same.
+# imports it); tests/unit/test_layout.py checks that the two are the same.
 FAILED_ROW = f"status = '{TaskStatus.FAILED.value}'"
 
 _TERMINAL = frozenset({ProjectStatus.COMPLETE, ProjectStatus.FAILED, ProjectStatus.CANCELLED})

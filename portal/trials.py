@@ -10,7 +10,7 @@ and a session's new trial ends its previous one.
 was killed by the kernel when the Streamlit script thread that started it ended: a child
 dies with the thread that forked it (``PR_SET_PDEATHSIG``), and Streamlit ends each
 script run's thread. Nothing waited for it, so bwrap zombies piled up under the portal.
-``tests/test_portal_people.py`` checks that none is left.)
+``tests/portal/test_portal_people.py`` checks that none is left.)
 """
 
 from __future__ import annotations

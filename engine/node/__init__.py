@@ -2,7 +2,7 @@
 
 A volunteer's machine has Python, the pinned ``ray`` and bubblewrap, nothing else of
 ours. So everything in this package imports only the standard library and Ray, and
-importing it imports nothing else of ``engine`` (``tests/test_layout.py`` checks this in
+importing it imports nothing else of ``engine`` (``tests/unit/test_layout.py`` checks this in
 a subprocess with SQLAlchemy, bcrypt, pandas and Streamlit blocked). Ray ships it to the
 nodes with the job (``engine.cluster.connect``).
 
