@@ -15,12 +15,12 @@ The registry is a copy of ``ray.nodes()`` kept in the store by ``sync_registry``
 dispatcher calls it every few seconds), so the portal can list nodes without being a Ray
 driver, and nodes that left stay listed, offline.
 
+What the dispatcher asks of the registry (which nodes get no work, who answers for each
+node, the label selector that keeps batches off nodes) lives in ``engine.placement``.
+
 Why this module is over 400 lines: the join command and the registry share the labels and
 the signature rule (a node is a volunteer's while the labels its join command wrote still
 verify), which reads best in one file; 45 of its lines are the Join page's instructions.
-What the dispatcher asks of the registry (``excluded_node_ids``, ``parties``,
-``label_selector``) is the part to move, into the dispatcher's placement, once that module
-(engine.placement, being written) is its only caller.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from engine.accounts import OPERATOR, Role, is_admin, require_may_join, require_
 from engine.errors import InvalidRequest, NotFound
 from engine.keys import data_secret
 from engine.models import Node, User, VolunteerKey
-from engine.parties import TRUSTED_PARTY
 from engine.settings import Settings
 from engine.status import NodeHealth, NodeRole, NodeStatus
 from engine.store import Store
@@ -324,29 +323,6 @@ def record_node_facts(store: Store, node_id: str, *, sandbox: str | None = None,
             session.execute(update(Node).where(Node.node_id == node_id).values(**values))
 
 
-def excluded_node_ids(store: Store, settings: Settings) -> set[str]:
-    """Online nodes that must not run work: the unclaimed ones, unless the admin allows them."""
-    if settings.allow_unclaimed_nodes:
-        return set()
-    with store.session() as session:
-        return set(session.execute(select(Node.node_id).where(
-            Node.online.is_(True), Node.role != NodeRole.HEAD.value, Node.claimed.is_(False))).scalars())
-
-
-def parties(store: Store) -> dict[str, str]:
-    """node id -> who answers for its results: the verified volunteer, or ``TRUSTED_PARTY``
-    for the head and the nodes an admin trusts.
-
-    Unclaimed and voided nodes are absent: their results belong to nobody. Offline nodes
-    stay, because a result can arrive from a node that has just died.
-    """
-    with store.session() as session:
-        rows = session.execute(select(Node.node_id, Node.role, Node.volunteer, Node.trusted).where(
-            (Node.role == NodeRole.HEAD.value) | Node.claimed.is_(True))).all()
-    return {node_id: TRUSTED_PARTY if role == NodeRole.HEAD or trusted else volunteer
-            for node_id, role, volunteer, trusted in rows}
-
-
 def set_trusted(store: Store, node_id: str, trusted: bool, actor: User | None | str = OPERATOR) -> None:
     """Mark a volunteer's node as one of the operator's own machines (or no longer).
 
@@ -373,16 +349,6 @@ def _by_prefix(session, prefix: str) -> Node | None:
         return None
     found = session.execute(select(Node).where(Node.node_id.startswith(prefix)).limit(2)).scalars().all()
     return found[0] if len(found) == 1 else None
-
-
-def label_selector(excluded: set[str] | frozenset[str]) -> dict[str, str] | None:
-    """A Ray ``label_selector`` that keeps a task off ``excluded`` nodes (None if empty).
-
-    It only excludes, so the task can run on any other node: it is never pinned to one.
-    """
-    if not excluded:
-        return None
-    return {NODE_ID_LABEL: f"!in({','.join(sorted(excluded))})"}
 
 
 # -- listings ----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ what that needs, from ``ray.nodes()`` and the registry:
   (``excluded``): unclaimed ones (unless the admin allows them), and the ones
   ``engine.health`` is checking or has quarantined;
 - the parties: who answers for a node's results, its verified volunteer or the operator
-  (``engine.nodes.parties``); a replica counts once per party, never per node;
+  (``parties``); a replica counts once per party, never per node;
 - for each batch, the nodes it must be kept off (``excluded_for``): the above, the
   nodes that could not import the project's script, the nodes it already failed on
   while another is left, and every node of the parties a replica must avoid;
@@ -26,14 +26,17 @@ import dataclasses
 import logging
 import time
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from engine import nodes, projects
 from engine.health import NodeHealthBook
 from engine.models import Node, Project
+from engine.nodes import NODE_ID_LABEL
+from engine.parties import TRUSTED_PARTY
 from engine.node.result import BatchFailure
 from engine.run import UNSANDBOXED, Batch, Run
 from engine.settings import Settings
+from engine.status import NodeRole
 from engine.store import Store
 
 logger = logging.getLogger(__name__)
@@ -82,10 +85,10 @@ class Placement:
         """
         nodes.sync_registry(self.store, self.settings, ray_nodes, refresh_credit=False)
         self.registered |= {n["NodeID"] for n in ray_nodes}
-        self.unclaimed = nodes.excluded_node_ids(self.store, self.settings)
+        self.unclaimed = excluded_node_ids(self.store, self.settings)
         # A party is who answers for a node's results: its verified volunteer, or the
         # operator (the head and trusted nodes). Unclaimed nodes never count towards a quorum.
-        self.party_of = nodes.parties(self.store)
+        self.party_of = parties(self.store)
         self.nodes_of = {}
         for node_id, party in self.party_of.items():
             self.nodes_of.setdefault(party, set()).add(node_id)
@@ -153,7 +156,7 @@ class Placement:
     @staticmethod
     def selector(excluded: frozenset[str]) -> dict[str, str] | None:
         """The Ray label selector that keeps a batch off ``excluded`` (None if empty)."""
-        return nodes.label_selector(excluded)
+        return label_selector(excluded)
 
     def stranded(self, run: Run) -> list:
         """The references of ``run``'s in-flight batches that no live node may run: their
@@ -217,7 +220,42 @@ class Placement:
         if run.replicas is not None:
             online = self.parties_online()
             # The operator's own nodes settle rows alone: nothing to wait for while one is up.
-            missing = 0 if nodes.TRUSTED_PARTY in online else run.replicas.replication - len(online)
+            missing = 0 if TRUSTED_PARTY in online else run.replicas.replication - len(online)
             if missing > 0:
                 return f"{WAITING}{missing} more volunteer{'s' if missing > 1 else ''}"
         return None
+
+
+# -- what the registry says, for placement -------------------------------------------------
+
+def excluded_node_ids(store: Store, settings: Settings) -> set[str]:
+    """Online nodes that must not run work: the unclaimed ones, unless the admin allows them."""
+    if settings.allow_unclaimed_nodes:
+        return set()
+    with store.session() as session:
+        return set(session.execute(select(Node.node_id).where(
+            Node.online.is_(True), Node.role != NodeRole.HEAD.value, Node.claimed.is_(False))).scalars())
+
+
+def parties(store: Store) -> dict[str, str]:
+    """node id -> who answers for its results: the verified volunteer, or ``TRUSTED_PARTY``
+    for the head and the nodes an admin trusts.
+
+    Unclaimed and voided nodes are absent: their results belong to nobody. Offline nodes
+    stay, because a result can arrive from a node that has just died.
+    """
+    with store.session() as session:
+        rows = session.execute(select(Node.node_id, Node.role, Node.volunteer, Node.trusted).where(
+            (Node.role == NodeRole.HEAD.value) | Node.claimed.is_(True))).all()
+    return {node_id: TRUSTED_PARTY if role == NodeRole.HEAD or trusted else volunteer
+            for node_id, role, volunteer, trusted in rows}
+
+
+def label_selector(excluded: set[str] | frozenset[str]) -> dict[str, str] | None:
+    """A Ray ``label_selector`` that keeps a task off ``excluded`` nodes (None if empty).
+
+    It only excludes, so the task can run on any other node: it is never pinned to one.
+    """
+    if not excluded:
+        return None
+    return {NODE_ID_LABEL: f"!in({','.join(sorted(excluded))})"}

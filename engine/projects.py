@@ -237,9 +237,21 @@ def machine_name(hostname: str | None, host: str | None = None) -> str:
     return short[:24] or (host or "").strip()
 
 
+# How many hex digits of a node id people read where a node has no name: in a label
+# ("node 1a2b3c4d"), and to tell apart two machines of one volunteer that share a name.
+# Logs and messages use ``nodes.short_id`` (12).
+LABEL_ID_DIGITS = 8
+TIEBREAK_ID_DIGITS = 6
+
+
+def machine_label(hostname: str | None, host: str | None, node_id: str) -> str:
+    """A node's machine as people read it: its short name, else "node" and its short id."""
+    return machine_name(hostname, host) or f"node {node_id[:LABEL_ID_DIGITS]}"
+
+
 def node_label(owner: str, hostname: str | None, host: str | None, node_id: str) -> str:
     """How a person reads a node: whose it is and which machine, e.g. "vic · laptop"."""
-    return f"{owner} · {machine_name(hostname, host) or 'node ' + node_id[:8]}"
+    return f"{owner} · {machine_label(hostname, host, node_id)}"
 
 
 def label_of(node_id: str | None, node: Node | None) -> str:
@@ -247,7 +259,7 @@ def label_of(node_id: str | None, node: Node | None) -> str:
     if node_id is None:
         return "no node (the row failed on every node tried)"
     if node is None:
-        return f"unknown node {node_id[:8]}"
+        return f"unknown node {node_id[:LABEL_ID_DIGITS]}"
     return node_label(attribution_of(node), node.hostname, node.host, node_id)
 
 
@@ -256,7 +268,7 @@ def _unique_labels(labels: dict) -> dict:
     seen: dict[str, int] = {}
     for label in labels.values():
         seen[label] = seen.get(label, 0) + 1
-    return {node_id: label if seen[label] == 1 or node_id is None else f"{label} ({node_id[:6]})"
+    return {node_id: label if seen[label] == 1 or node_id is None else f"{label} ({node_id[:TIEBREAK_ID_DIGITS]})"
             for node_id, label in labels.items()}
 
 

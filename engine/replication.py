@@ -26,7 +26,7 @@ from engine import verification
 from engine.ledger import decide_rows, record_replicas
 from engine.models import Replica
 from engine.node.result import RowResult
-from engine.nodes import TRUSTED_PARTY
+from engine.parties import TRUSTED_PARTY
 from engine.status import TaskStatus, Verdict
 from engine.verification import Comparison, Verification, agree, decide
 

@@ -11,7 +11,7 @@ import streamlit as st
 from engine import ProjectStatusView, accounts
 from engine.errors import Forbidden
 from engine.nodes import short_id
-from engine.projects import Estimate, Outlook, machine_name, node_label
+from engine.projects import Estimate, Outlook, machine_label, node_label
 from engine.status import ClusterStatus, NodeHealth, NodeRole, ProjectStatus, TaskStatus
 from portal import errors
 from portal.widgets import (act, ask, ask_later, asking, duration, per_view, progress, rate,
@@ -55,7 +55,7 @@ def node_health(node) -> None:
 
 def node_machine(node) -> str:
     """A node's short machine name for people (its host name), never a bare hex id."""
-    return machine_name(node.hostname, node.host) or f"node {node.node_id[:8]}"
+    return machine_label(node.hostname, node.host, node.node_id)
 
 
 def security_alerts(alerts, registry) -> None:

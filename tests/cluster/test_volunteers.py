@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import select
 
 from support import ROOT
-from engine import accounts, credit, nodes
+from engine import accounts, credit, nodes, placement
 from engine.export import export_results
 from engine.models import Project, Replica, Task
 from volunteer_cluster import (VolunteerCluster, assert_clean_node, node_temp_dir, run_to_end,
@@ -108,16 +108,16 @@ def test_nodes_join_with_their_claims(cluster):
 def test_label_selector_keeps_work_off_unclaimed_nodes(cluster):
     import ray
 
-    excluded = nodes.excluded_node_ids(cluster.store, cluster.settings)
+    excluded = placement.excluded_node_ids(cluster.store, cluster.settings)
     assert excluded == {cluster.node_ids["forger"]}
-    assert nodes.excluded_node_ids(cluster.store, cluster.settings.replace(allow_unclaimed_nodes=True)) == set()
+    assert placement.excluded_node_ids(cluster.store, cluster.settings.replace(allow_unclaimed_nodes=True)) == set()
 
     @ray.remote(num_cpus=1)
     def node_of(_):
         time.sleep(0.2)
         return ray.get_runtime_context().get_node_id()
 
-    ran_on = set(ray.get([node_of.options(label_selector=nodes.label_selector(excluded)).remote(i)
+    ran_on = set(ray.get([node_of.options(label_selector=placement.label_selector(excluded)).remote(i)
                           for i in range(12)], timeout=180))
     assert ran_on and not ran_on & excluded
     assert len(ran_on) >= 2  # excluding is not pinning: several nodes share the work

@@ -16,7 +16,7 @@ from ray._private.label_utils import validate_label_selector
 
 from support import ROOT, engine_env
 from support.registry import labels_of, parse, ray_node
-from engine import accounts, nodes
+from engine import accounts, nodes, placement
 from engine.accounts import Role
 from engine.errors import Forbidden, NotFound
 
@@ -123,9 +123,9 @@ def test_registry_claims_only_verified_nodes(people, settings):
     assert views["a1"].python_version == nodes.python_minor() and views["a1"].sandbox == "unknown"
     nodes.record_node_facts(people, "a1", sandbox="available", python_version="3.11.9")
     assert (by_id(people)["a1"].sandbox, by_id(people)["a1"].python_version) == ("available", "3.11.9")
-    assert nodes.excluded_node_ids(people, settings) == {"f1", "g1", "plain", "rita"}
-    assert nodes.parties(people) == {"head": "head", "a1": "alice", "b1": "bob"}
-    assert nodes.excluded_node_ids(people, settings.replace(allow_unclaimed_nodes=True)) == set()
+    assert placement.excluded_node_ids(people, settings) == {"f1", "g1", "plain", "rita"}
+    assert placement.parties(people) == {"head": "head", "a1": "alice", "b1": "bob"}
+    assert placement.excluded_node_ids(people, settings.replace(allow_unclaimed_nodes=True)) == set()
 
 
 def test_nodes_go_offline_and_keep_their_history(people, settings):
@@ -155,8 +155,8 @@ def test_rotation_voids_old_signatures(people, settings):
     views = by_id(people)
     assert (views["a1"].claimed, views["a2"].claimed, views["a3"].claimed) == (False, True, False)
     assert views["a1"].label_volunteer == "alice"
-    assert "a1" in nodes.excluded_node_ids(people, settings)
-    assert nodes.parties(people) == {"a2": "alice"}
+    assert "a1" in placement.excluded_node_ids(people, settings)
+    assert placement.parties(people) == {"a2": "alice"}
 
 
 def test_disabled_volunteer_stops_earning(people, settings):
@@ -171,9 +171,9 @@ def test_disabled_volunteer_stops_earning(people, settings):
 
 
 def test_label_selector_excludes_without_pinning(people, settings):
-    assert nodes.label_selector(set()) is None
+    assert placement.label_selector(set()) is None
     ids = {"a" * 56, "b" * 56}
-    selector = nodes.label_selector(ids)
+    selector = placement.label_selector(ids)
     assert selector == {"ray.io/node-id": f"!in({'a' * 56},{'b' * 56})"}
     assert validate_label_selector(selector) is None  # Ray accepts it
 

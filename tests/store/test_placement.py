@@ -15,6 +15,7 @@ from engine.health import NodeHealthBook
 from engine.models import Node, Project
 from engine.node.result import BatchFailure, BatchReport, FailureKind
 from engine.node.sandbox import Limits
+from engine.parties import TRUSTED_PARTY
 from engine.placement import Placement
 from engine.replication import ReplicaTracker
 from engine.run import Batch, Run
@@ -78,10 +79,10 @@ def test_parties_answer_for_nodes_and_a_replica_is_kept_off_every_node_of_its_pa
             ray_node(A2, "alice", settings), ray_node(B1, "bob", settings), ray_node(STRANGER))
     assert placement.excluded == {HEAD, A1, A2, B1, STRANGER}  # nobody checked yet
     ready(placement, HEAD, A1, A2, B1, STRANGER)
-    assert placement.party_of == {HEAD: nodes.TRUSTED_PARTY, A1: "alice", A2: "alice", B1: "bob"}
+    assert placement.party_of == {HEAD: TRUSTED_PARTY, A1: "alice", A2: "alice", B1: "bob"}
     assert placement.nodes_of["alice"] == {A1, A2}
     assert placement.excluded == {STRANGER}  # unclaimed: no work, and no party
-    assert placement.parties_online() == {nodes.TRUSTED_PARTY, "alice", "bob"}
+    assert placement.parties_online() == {TRUSTED_PARTY, "alice", "bob"}
     assert placement.usable_cpus() == 8.0
 
     run = a_run()

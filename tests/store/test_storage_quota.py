@@ -20,7 +20,7 @@ from support import fixture_bytes, on_backend
 from engine import accounts, projects, replication
 from engine.accounts import Role
 from engine.models import SCHEMA_VERSION, Project, Replica, Task, TaskHistory
-from engine.nodes import TRUSTED_PARTY
+from engine.parties import TRUSTED_PARTY
 from engine.scheduler import Dispatcher
 from engine.settings import Settings
 from engine.ledger import admit_results, record_replicas, record_results

@@ -73,7 +73,7 @@ def _row(index, value):
 
 
 def test_a_row_the_trusted_party_ran_is_accepted_alone():
-    from engine.nodes import TRUSTED_PARTY
+    from engine.parties import TRUSTED_PARTY
 
     tracker = _tracker()
     tracker.add(TRUSTED_PARTY, "head-node", [_row(0, 1)])
@@ -87,14 +87,14 @@ def test_a_volunteers_row_alone_is_never_accepted_on_its_word():
     tracker = _tracker()
     tracker.add("alice", "a-node", [_row(0, 1)])
     # Even with the trusted party online, alice's result waits for another party.
-    from engine.nodes import TRUSTED_PARTY
+    from engine.parties import TRUSTED_PARTY
 
     assert tracker.evaluate([0], {"alice", TRUSTED_PARTY}, lambda party: False) == []
     assert tracker.waiting_rows() == 1
 
 
 def test_a_volunteer_agreeing_with_the_trusted_party_is_verified_and_credited():
-    from engine.nodes import TRUSTED_PARTY
+    from engine.parties import TRUSTED_PARTY
 
     tracker = _tracker()
     tracker.add("alice", "a-node", [_row(0, 7)])
@@ -106,7 +106,7 @@ def test_a_volunteer_agreeing_with_the_trusted_party_is_verified_and_credited():
 
 
 def test_a_volunteer_disagreeing_with_the_trusted_party_loses_and_the_trusted_result_stays():
-    from engine.nodes import TRUSTED_PARTY
+    from engine.parties import TRUSTED_PARTY
 
     tracker = _tracker()
     tracker.add("carol", "c-node", [_row(0, 999)])
