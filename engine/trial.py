@@ -132,6 +132,12 @@ _sessions_lock = threading.Lock()
 _sessions: dict[str, executor.Pool] = {}
 
 
+def running_pool(session_key: str) -> executor.Pool | None:
+    """The pool of the trial running for ``session_key``, if one is."""
+    with _sessions_lock:
+        return _sessions.get(session_key)
+
+
 def close(session_key: str) -> bool:
     """End the trial running for ``session_key``, if any, now: its sandboxed child is killed
     and ``trial_run`` returns the rows done so far. Safe from any thread; returns whether a

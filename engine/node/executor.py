@@ -28,7 +28,7 @@ from engine.node.result import RowResult
 from engine.node.sandbox import Limits
 
 __all__ = ["Limits", "Outcome", "Pool", "SandboxUnavailable", "private_pool", "run_rows",
-           "sandbox_available", "sandbox_status", "shutdown"]
+           "sandbox_available", "sandbox_status", "shared_pool", "shutdown"]
 
 
 @dataclass
@@ -107,3 +107,8 @@ def shutdown() -> None:
 
 
 _pool = Pool()  # this process's own: a Ray worker runs one batch at a time
+
+
+def shared_pool() -> Pool:
+    """This process's own pool, which ``run_rows`` uses when given none."""
+    return _pool

@@ -48,6 +48,11 @@ class Pool:
         self._last_used: dict[ChildProcess, float] = {}
         self._reaper: threading.Thread | None = None
 
+    def warm(self) -> dict[tuple, ChildProcess]:
+        """The warm children now, by (project, script source, filename, limits): a copy."""
+        with self._lock:
+            return dict(self._children)
+
     def get(self, source: str, filename: str, limits: Limits) -> ChildProcess:
         key = (limits.project, source, filename, limits)
         with self._lock:

@@ -70,7 +70,7 @@ def test_process_exit_mid_batch_keeps_done_rows_and_names_the_culprit():
 
 def warm_pid(source, filename, limits=LIMITS):
     """The pid of the warm child that would run ``source`` under ``limits``, or None."""
-    child = executor._pool._children.get((limits.project, source, filename, limits))
+    child = executor.shared_pool().warm().get((limits.project, source, filename, limits))
     return child.process.pid if child is not None else None
 
 
@@ -260,7 +260,7 @@ def test_a_script_that_hangs_while_imported_fails_at_the_import_time_limit():
     assert outcome.results == []
     assert outcome.script_error == ("ImportTimeout: the script's top-level code was still "
                                     "running after 1 s (the import time limit)")
-    assert executor._pool._children == {}  # its child was ended, not kept
+    assert executor.shared_pool().warm() == {}  # its child was ended, not kept
 
 
 def test_a_script_that_ends_its_process_while_imported_is_the_scripts_failure():

@@ -101,7 +101,7 @@ def keep_files(mib: int):
     outcome = run_rows(source, "keeps.py", ["x", "mib"], [(0, [0, mib])], limits)
     assert outcome.results[0].succeeded, outcome.results[0]
     held = shmem_bytes() - before
-    child = executor._pool._children[(None, source, "keeps.py", limits)]
+    child = executor.shared_pool().warm()[(None, source, "keeps.py", limits)]
     return child, held
 
 
@@ -135,7 +135,7 @@ def test_an_idle_warm_child_is_ended_and_its_files_freed(monkeypatch):
     while child.process.poll() is None:
         assert time.monotonic() < deadline, "the idle child was not ended"
         time.sleep(0.1)
-    assert executor._pool._children == {}
+    assert executor.shared_pool().warm() == {}
     freed(before)
 
 

@@ -78,7 +78,7 @@ def test_concurrent_trials_of_one_script_each_get_their_own_rows(store, settings
         # Each trial's child runs as a uid of its own: its own process limit.
         assert len(uids) == 3
         assert sandbox.sandbox_uid() not in uids
-    assert executor._pool._children == {}  # trials never use the process's shared pool
+    assert executor.shared_pool().warm() == {}  # trials never use the process's shared pool
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="sandbox uids are told apart on root nodes")
@@ -94,7 +94,7 @@ def test_closing_a_session_ends_its_running_trial(store, settings, ada):
     script, dataset = upload("hostile_infinite_loop.py", range(5))
     thread, box = in_thread(trial.trial_run, store, settings, ada, script, dataset,
                             row_timeout=FOREVER, session_key="session-1")
-    while not trial._sessions.get("session-1") or not trial._sessions["session-1"]._children:
+    while not (trial.running_pool("session-1") and trial.running_pool("session-1").warm()):
         assert thread.is_alive(), box
         time.sleep(0.05)
     time.sleep(0.5)  # well into the looping row
@@ -113,21 +113,21 @@ def test_a_trial_closes_itself_when_its_session_goes_away(store, settings, ada):
     thread, box = in_thread(trial.trial_run, store, settings, ada, script, dataset,
                             row_timeout=FOREVER, session_key="session-2",
                             session_alive=alive.is_set)
-    while not trial._sessions.get("session-2") or not trial._sessions["session-2"]._children:
+    while not (trial.running_pool("session-2") and trial.running_pool("session-2").warm()):
         assert thread.is_alive(), box
         time.sleep(0.05)
     alive.clear()  # the browser went away
     thread.join(timeout=120)
     assert not thread.is_alive(), "the trial went on after its session went away"
     assert [r.output for r in box["result"].rows] in ([], [0], [0, 1])
-    assert "session-2" not in trial._sessions
+    assert trial.running_pool("session-2") is None
 
 
 def test_a_new_trial_of_a_session_ends_the_one_before(store, settings, ada):
     looping, dataset = upload("hostile_infinite_loop.py", range(5))
     first, first_box = in_thread(trial.trial_run, store, settings, ada, looping, dataset,
                                  row_timeout=FOREVER, session_key="session-3")
-    while not trial._sessions.get("session-3") or not trial._sessions["session-3"]._children:
+    while not (trial.running_pool("session-3") and trial.running_pool("session-3").warm()):
         assert first.is_alive(), first_box
         time.sleep(0.05)
     square, numbers = upload("square.py", range(5))
