@@ -13,6 +13,10 @@ never unpickles what it sends):
   parent -> {"columns", "rows": [(index, values)], "isolate", "timeout"}
                                                        child -> {"t": "results", "r": [...]} ... {"t": "done"[, "recycle": why]}
 
+Why this module is one file of about 400 lines: it is sent into the sandbox as source text
+(``python -I -c``), where no other file of ours can be imported, so everything the child
+does (the limits, the protocol, running rows, ending a batch clean) has to be here.
+
 "started" comes once the limits are applied, before the script is compiled: it tells the
 sandbox not starting (the node's problem) apart from a script whose import never ends
 (its own; the parent's import time limit runs from "started").
