@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from support import fixture_bytes
+from support import fixture_bytes, live_uids
 from engine import accounts, trial
 from engine.accounts import Role
 from engine.dataset import parse_dataset
@@ -29,20 +29,18 @@ def upload(script, xs):
             parse_dataset("d.csv", data, max_bytes=1 << 20))
 
 
+def wait_until_running(session_key: str, thread: threading.Thread, box: dict) -> None:
+    """Until the trial of ``session_key`` (running on ``thread``) has its child started."""
+    while not (trial.running_pool(session_key) and trial.running_pool(session_key).warm()):
+        assert thread.is_alive(), box
+        time.sleep(0.05)
+
+
 def trial_sandbox_pids():
     """Live processes of this test process's sandboxes, by their uids on a root node: its
     shared pool's (slot 0) and its private ones' (sandbox.sandbox_uid)."""
     uids = {1_000_000 + slot * (1 << 22) + os.getpid() for slot in range(256)}
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/status") as status:
-                fields = dict(line.split(":", 1) for line in status if ":" in line)
-        except OSError:
-            continue
-        if int(fields["Uid"].split()[0]) in uids and fields["State"].split()[0] != "Z":
-            found.append(int(pid))
-    return found
+    return [pid for pid, uid in live_uids().items() if uid in uids]
 
 
 def in_thread(function, *args, **kwargs):
@@ -94,9 +92,7 @@ def test_closing_a_session_ends_its_running_trial(store, settings, ada):
     script, dataset = upload("hostile_infinite_loop.py", range(5))
     thread, box = in_thread(trial.trial_run, store, settings, ada, script, dataset,
                             row_timeout=FOREVER, session_key="session-1")
-    while not (trial.running_pool("session-1") and trial.running_pool("session-1").warm()):
-        assert thread.is_alive(), box
-        time.sleep(0.05)
+    wait_until_running("session-1", thread, box)
     time.sleep(0.5)  # well into the looping row
     assert trial.close("session-1") is True
     thread.join(timeout=120)
@@ -113,9 +109,7 @@ def test_a_trial_closes_itself_when_its_session_goes_away(store, settings, ada):
     thread, box = in_thread(trial.trial_run, store, settings, ada, script, dataset,
                             row_timeout=FOREVER, session_key="session-2",
                             session_alive=alive.is_set)
-    while not (trial.running_pool("session-2") and trial.running_pool("session-2").warm()):
-        assert thread.is_alive(), box
-        time.sleep(0.05)
+    wait_until_running("session-2", thread, box)
     alive.clear()  # the browser went away
     thread.join(timeout=120)
     assert not thread.is_alive(), "the trial went on after its session went away"
@@ -127,9 +121,7 @@ def test_a_new_trial_of_a_session_ends_the_one_before(store, settings, ada):
     looping, dataset = upload("hostile_infinite_loop.py", range(5))
     first, first_box = in_thread(trial.trial_run, store, settings, ada, looping, dataset,
                                  row_timeout=FOREVER, session_key="session-3")
-    while not (trial.running_pool("session-3") and trial.running_pool("session-3").warm()):
-        assert first.is_alive(), first_box
-        time.sleep(0.05)
+    wait_until_running("session-3", first, first_box)
     square, numbers = upload("square.py", range(5))
     second = trial.trial_run(store, settings, ada, square, numbers, session_key="session-3")
     assert [r.output for r in second.rows] == [0, 1, 4, 9, 16]

@@ -107,3 +107,12 @@ def upload(at: AppTest, key: str, name: str, data: bytes, mime: str) -> AppTest:
     at.run()
     assert not at.exception, at.exception
     return at
+
+
+def trial_then_submit(at: AppTest) -> AppTest:
+    """On the Submit page with both files uploaded: run the trial, then submit."""
+    for button in ("trial_button", "run_button"):
+        at.button(key=button).click()
+        at.run()
+    assert not at.exception, at.exception
+    return at

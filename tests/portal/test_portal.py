@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from portal_pages import (USERS, app, complete, open_page, register, sign_in, signed_in, submit, texts,
-                          titles, upload)
+                          titles, trial_then_submit, upload)
 from support import fixture_bytes
 from engine import accounts, logins
 from engine.models import Project
@@ -186,11 +186,7 @@ def test_submit_sets_replication_and_comparison(portal, monkeypatch):
     at.radio(key="comparison").set_value("numeric")
     at.run()
     at.number_input(key="tolerance").set_value(1e-6)
-    at.button(key="trial_button").click()
-    at.run()
-    at.button(key="run_button").click()
-    at.run()
-    assert not at.exception, at.exception
+    trial_then_submit(at)
     with portal.session() as s:
         stored = s.query(Project).one()
     assert (stored.replication, stored.comparison, stored.tolerance) == (4, "numeric", 1e-6)
@@ -202,11 +198,7 @@ def test_submit_fixes_the_batch_size_only_when_asked(portal):
     upload(at, "script", "square.py", fixture_bytes("square.py"), "text/x-python")
     upload(at, "dataset", "d.csv", b"x\n1\n2\n", "text/csv")
     at.number_input(key="batch_size").set_value(250)
-    at.button(key="trial_button").click()
-    at.run()
-    at.button(key="run_button").click()
-    at.run()
-    assert not at.exception, at.exception
+    trial_then_submit(at)
     with portal.session() as s:
         assert s.query(Project).one().batch_size == 250
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from support import ROOT, fixture_bytes
+from support import ROOT, fixture_bytes, live_uids
 from engine import accounts, projects
 from engine.export import export_results
 from engine.models import Project
@@ -78,14 +78,8 @@ def canaries(cluster_settings):
 def sandbox_processes():
     """uid -> number of live processes, for the uids research code runs as (root nodes)."""
     counts = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/status") as status:
-                fields = dict(line.split(":", 1) for line in status if ":" in line)
-        except OSError:
-            continue
-        uid = int(fields["Uid"].split()[0])
-        if uid >= 1_000_000 and fields["State"].split()[0] != "Z":
+    for uid in live_uids().values():
+        if uid >= 1_000_000:
             counts[uid] = counts.get(uid, 0) + 1
     return counts
 
